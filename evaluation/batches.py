@@ -1,0 +1,396 @@
+"""ADM image batches: streamed `.npz` reading and writing, PNG writing and folder packing.
+
+An ADM batch is an uncompressed `.npz` (np.savez layout: zip members `arr_0.npy`, ...) whose
+`arr_0` is uint8 [N, H, W, 3] (NHWC); sample batches may add `arr_1` (labels) and reference
+batches `mu`, `sigma`, `mu_s`, `sigma_s`. Nothing here holds a whole batch in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import zipfile
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGES_KEY = "arr_0"
+LABELS_KEY = "arr_1"
+NPY_SUFFIX = ".npy"
+RGB_CHANNELS = 3
+# A zip local file header is 30 bytes plus the file name and the extra field.
+ZIP_LOCAL_HEADER_SIZE = 30
+PNG_SUFFIX = ".png"
+DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+INDEX_PNG = re.compile(r"^\d{6,}\.png$")
+
+
+class BatchError(Exception):
+    """A batch file or folder that cannot be used; the message is one line."""
+
+
+def index_filename(index: int, num_images: int) -> str:
+    """`{index:06d}.png`, wider when there are more than 10**6 images."""
+    digits = max(6, len(str(max(0, num_images - 1))))
+    return f"{index:0{digits}d}{PNG_SUFFIX}"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class ImageBatch:
+    """A readable batch of uint8 NHWC images (a .npz or a folder of PNGs)."""
+
+    path: Path
+    num_images: int
+    height: int
+    width: int
+
+    def iter_chunks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def has(self, name: str) -> bool:
+        return False
+
+    def array(self, name: str) -> np.ndarray:
+        raise BatchError(f"{self.path} has no array {name!r}")
+
+    def read_all(self) -> np.ndarray:
+        """All images at once (for small batches and tests)."""
+        chunks = list(self.iter_chunks(max(1, self.num_images)))
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.height, self.width, 3), np.uint8)
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.num_images if stop is None else min(stop, self.num_images)
+        return max(0, start), stop
+
+
+class NpzBatch(ImageBatch):
+    """`arr_0` read in chunks straight from the zip member (no full load, no memory map)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._zip = zipfile.ZipFile(path)
+            names = {n[: -len(NPY_SUFFIX)]: n for n in self._zip.namelist() if n.endswith(NPY_SUFFIX)}
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise BatchError(f"{path} is not a readable .npz (truncated or corrupt?): {exc}") from None
+        self._members = names
+        if IMAGES_KEY not in names:
+            raise BatchError(f"{path} has no {IMAGES_KEY} (arrays: {', '.join(sorted(names)) or 'none'}); "
+                             "an ADM batch stores its images as arr_0")
+        info = self._zip.getinfo(names[IMAGES_KEY])
+        self._stored = info.compress_type == zipfile.ZIP_STORED
+        try:
+            with self._zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                header_len = f.tell()
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise BatchError(f"{path}: arr_0 is not a valid .npy array: {exc}") from None
+        if dtype != np.uint8:
+            raise BatchError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images (0..255)")
+        if len(shape) != 4:
+            raise BatchError(f"{path}: arr_0 has shape {tuple(shape)}, expected [N, H, W, 3] (NHWC)")
+        if shape[-1] != RGB_CHANNELS:
+            if shape[1] == RGB_CHANNELS:
+                raise BatchError(f"{path}: arr_0 has shape {tuple(shape)}, which looks like NCHW; "
+                                 "ADM batches are NHWC: save x.transpose(0, 2, 3, 1)")
+            raise BatchError(f"{path}: arr_0 has {shape[-1]} channels, expected 3 (RGB, NHWC)")
+        if fortran:
+            raise BatchError(f"{path}: arr_0 is stored in Fortran order; save it C-contiguous")
+        self.num_images, self.height, self.width = int(shape[0]), int(shape[1]), int(shape[2])
+        self._image_bytes = self.height * self.width * RGB_CHANNELS
+        self._header_len = header_len
+        expected = header_len + self.num_images * self._image_bytes
+        if info.file_size < expected:
+            raise BatchError(f"{path} is truncated: arr_0 holds {info.file_size} bytes, "
+                             f"its header promises {expected}")
+        if self._stored:
+            self._data_offset = self._member_data_offset(info) + header_len
+            if os.path.getsize(path) < self._data_offset + self.num_images * self._image_bytes:
+                raise BatchError(f"{path} is truncated: the file ends before arr_0 does")
+
+    def _member_data_offset(self, info: zipfile.ZipInfo) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(ZIP_LOCAL_HEADER_SIZE)
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        return info.header_offset + ZIP_LOCAL_HEADER_SIZE + name_len + extra_len
+
+    def iter_chunks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        start, stop = self._range(start, stop)
+        shape = (self.height, self.width, RGB_CHANNELS)
+        if self._stored:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_offset + start * self._image_bytes)
+                for a in range(start, stop, size):
+                    n = min(size, stop - a)
+                    buf = np.empty((n, *shape), np.uint8)
+                    if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
+                        raise BatchError(f"{self.path} is truncated: could not read images {a}..{a + n - 1}")
+                    yield buf
+            return
+        # Compressed member: read forward through the decompressor.
+        with self._zip.open(self._members[IMAGES_KEY]) as f:
+            f.read(self._header_len)
+            skip = start * self._image_bytes
+            while skip > 0:
+                skip -= len(f.read(min(skip, 1 << 24)))
+            for a in range(start, stop, size):
+                n = min(size, stop - a)
+                data = f.read(n * self._image_bytes)
+                if len(data) != n * self._image_bytes:
+                    raise BatchError(f"{self.path} is truncated: could not read images {a}..{a + n - 1}")
+                yield np.frombuffer(data, np.uint8).reshape(n, *shape)
+
+    def has(self, name: str) -> bool:
+        return name in self._members
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self._members:
+            raise BatchError(f"{self.path} has no array {name!r}")
+        try:
+            with self._zip.open(self._members[name]) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise BatchError(f"{self.path}: cannot read {name}: {exc}") from None
+
+
+class PngFolder(ImageBatch):
+    """A folder of same-sized PNGs, read in sorted file-name order."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        pngs = sorted(p for p in path.iterdir() if p.suffix.lower() == PNG_SUFFIX and p.name[0] != ".")
+        indexed = [p for p in pngs if INDEX_PNG.match(p.name)]
+        # A sampler folder also holds grid.png: read only the index-named samples when there are any.
+        self.files = indexed or pngs
+        if not self.files:
+            raise BatchError(f"{path} contains no .png images")
+        self.num_images = len(self.files)
+        first = self._load(self.files[0])
+        self.height, self.width = first.shape[:2]
+
+    def _load(self, file: Path) -> np.ndarray:
+        try:
+            with Image.open(file) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except OSError as exc:
+            raise BatchError(f"cannot decode {file}: {exc}") from None
+        if hasattr(self, "height") and arr.shape[:2] != (self.height, self.width):
+            raise BatchError(f"{file} is {arr.shape[1]}x{arr.shape[0]} but the folder's images are "
+                             f"{self.width}x{self.height}")
+        return arr
+
+    def iter_chunks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        start, stop = self._range(start, stop)
+        with ThreadPoolExecutor(DEFAULT_WORKERS) as pool:
+            for a in range(start, stop, size):
+                yield np.stack(list(pool.map(self._load, self.files[a: min(stop, a + size)])))
+
+
+def open_batch(path: str | os.PathLike) -> ImageBatch:
+    """Open an ADM `.npz` batch or a folder of PNGs; raises BatchError with one line."""
+    p = Path(path)
+    if not p.exists():
+        raise BatchError(f"{p} does not exist")
+    if p.is_dir():
+        return PngFolder(p)
+    return NpzBatch(p)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+class NpzWriter:
+    """Stream uint8 NHWC chunks into `arr_0` of a new ADM `.npz`, then add small arrays.
+
+    Writes to a temporary name beside `path` and renames it on `close`, so a killed writer
+    never leaves a partial batch under the final name.
+    """
+
+    def __init__(self, path: str | os.PathLike, num_images: int, height: int, width: int):
+        self.path = Path(path)
+        self.num_images, self.shape = num_images, (height, width, RGB_CHANNELS)
+        self.written = 0
+        self._tmp = _temp_path(self.path)
+        try:
+            self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        except OSError as exc:
+            raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._member = self._zip.open(IMAGES_KEY + NPY_SUFFIX, "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (num_images, *self.shape)}
+        np.lib.format.write_array_header_2_0(self._member, header)
+
+    def write(self, chunk: np.ndarray) -> None:
+        if chunk.dtype != np.uint8 or chunk.shape[1:] != self.shape:
+            raise BatchError(f"chunk of {chunk.dtype} {chunk.shape[1:]} does not fit {self.path}'s uint8 "
+                             f"{self.shape} images")
+        if self.written + len(chunk) > self.num_images:
+            raise BatchError(f"{self.path}: more than the {self.num_images} images announced")
+        self._member.write(np.ascontiguousarray(chunk).data)
+        self.written += len(chunk)
+
+    def close(self, extras: Mapping[str, np.ndarray] | None = None) -> Path:
+        if self.written != self.num_images:
+            self.abort()
+            raise BatchError(f"{self.path}: {self.written} images written but {self.num_images} announced")
+        try:
+            self._member.close()
+            for name, value in (extras or {}).items():
+                with self._zip.open(name + NPY_SUFFIX, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+            self._zip.close()
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        return self.path
+
+    def abort(self) -> None:
+        for closer in (self._member.close, self._zip.close):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - best effort cleanup of a temp file
+                pass
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is not None:
+            self.abort()
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode `image` (uint8 HWC) to `path` via a temporary name and an atomic rename."""
+    tmp = _temp_path(path)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BatchError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+class PngWriter:
+    """Encode PNGs on background threads (zlib releases the GIL) while the model runs.
+
+    At most `max_pending` images wait in memory; `close()` waits for all and re-raises
+    the first error as a one-line BatchError.
+    """
+
+    def __init__(self, workers: int = DEFAULT_WORKERS, max_pending: int = 256):
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="png")
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, path: Path, image: np.ndarray) -> None:
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write_png, path, image))
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+
+    def wait(self) -> None:
+        """Finish every write in flight; raise the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im)
+    except (OSError, SyntaxError) as exc:
+        raise BatchError(f"cannot decode {path}: {exc}") from None
+
+
+def png_is_valid(path: Path) -> bool:
+    """True when `path` exists and decodes completely (a truncated PNG fails)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
+               extras: Mapping[str, np.ndarray] | None = None, workers: int = DEFAULT_WORKERS,
+               chunk: int = 64) -> Path:
+    """Decode PNGs in parallel, in order, and stream them into `out` (an ADM .npz).
+
+    Memory stays at about `chunk * workers` images whatever `num_images` is.
+    """
+    files = list(files)
+    if len(files) != num_images:
+        raise BatchError(f"{out}: {len(files)} PNGs given for {num_images} images")
+    if not files:
+        raise BatchError(f"{out}: no images to pack")
+    first = _read_png(files[0])
+    height, width = first.shape[:2]
+    with ThreadPoolExecutor(max(1, workers)) as pool, NpzWriter(out, num_images, height, width) as writer:
+        lookahead: deque[Future] = deque()
+        starts = iter(range(0, num_images, chunk))
+
+        def submit_next() -> None:
+            a = next(starts, None)
+            if a is not None:
+                lookahead.append(pool.submit(_read_chunk, files[a: a + chunk], height, width))
+
+        for _ in range(max(2, workers)):
+            submit_next()
+        while lookahead:
+            writer.write(lookahead.popleft().result())
+            submit_next()
+        return writer.close(extras)
+
+
+def _read_chunk(files: list[Path], height: int, width: int) -> np.ndarray:
+    out = np.empty((len(files), height, width, RGB_CHANNELS), np.uint8)
+    for i, f in enumerate(files):
+        img = _read_png(f)
+        if img.shape != out.shape[1:]:
+            raise BatchError(f"{f} is {img.shape[1]}x{img.shape[0]}, expected {width}x{height}")
+        out[i] = img
+    return out
+
+
+def pack_folder(folder: str | os.PathLike, out: str | os.PathLike, num_images: int,
+                labels: np.ndarray | None = None, workers: int = DEFAULT_WORKERS) -> Path:
+    """Pack `{index:06d}.png` for index 0..num_images-1 of `folder` into an ADM .npz (`arr_1` = labels)."""
+    folder = Path(folder)
+    files = [folder / index_filename(i, num_images) for i in range(num_images)]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise BatchError(f"{folder} lacks {len(missing)} of {num_images} PNGs (first: {missing[0].name}); "
+                         "rerun the sampler to finish them")
+    extras = {LABELS_KEY: np.asarray(labels, dtype=np.int64)} if labels is not None else None
+    return pack_files(files, out, num_images, extras, workers)
+
+

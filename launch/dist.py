@@ -1,0 +1,245 @@
+"""Process-group helpers: the only module of the project that calls torch.distributed.
+
+Works the same under torchrun (NCCL on CUDA, gloo on CPU) and as a plain `python script.py`
+(world size 1, no process group). Modelled on the small helper modules of EDM and DiT.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 600.0
+# Exit code of a rank that failed with an exception (torchrun then stops the others).
+EXIT_FAILED = 1
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_info: DistInfo | None = None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistInfo:
+    """Join the process group started by torchrun, or run as a single process.
+
+    `timeout_s` bounds every collective, so a hung rank ends the job instead of blocking it.
+    `use_cuda=None` picks CUDA when a GPU is visible.
+    """
+    global _info
+    if _info is not None:
+        return _info
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        _set_cpu_threads(local_world)
+    if world > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        if use_cuda:
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    _info = DistInfo(rank, world, local_rank, local_world, device)
+    return _info
+
+
+def _set_cpu_threads(local_world: int) -> None:
+    """torchrun sets OMP_NUM_THREADS=1 per worker; share the cores deliberately instead."""
+    if os.environ.get("DIT_CPU_THREADS"):
+        torch.set_num_threads(int(os.environ["DIT_CPU_THREADS"]))
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, local_world)))
+
+
+def info() -> DistInfo:
+    return _info if _info is not None else init()
+
+
+def rank() -> int:
+    return _info.rank if _info is not None else _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    return _info.world_size if _info is not None else _env_int("WORLD_SIZE", 1)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """Print on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if _active():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[info().device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (float64 stays float64) and return it."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Gather tensors whose first dimension may differ between ranks (returned on tensor's device)."""
+    if not _active():
+        return [tensor]
+    sizes = all_gather_object(tuple(tensor.shape))
+    longest = max(s[0] for s in sizes)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [p[: s[0]] for p, s in zip(parts, sizes)]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _on_main_then_tell(fn: Callable[[], T], share_result: bool) -> tuple[bool, T | None]:
+    """Run `fn` on rank 0; every rank learns whether it failed (and, optionally, its result)."""
+    if is_main():
+        try:
+            result = fn()
+        except Exception as exc:
+            broadcast_object((False, exc))
+            raise
+        broadcast_object((True, result if share_result else None))
+        return True, result
+    ok, value = broadcast_object(None)
+    if not ok:
+        raise value
+    return False, value
+
+
+def rank0_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 first (e.g. a download), then on the others (which read the cache).
+
+    If rank 0 fails, every rank raises the same exception at once instead of waiting
+    for a collective timeout.
+    """
+    if not _active():
+        return fn()
+    ran, result = _on_main_then_tell(fn, share_result=False)
+    return result if ran else fn()  # type: ignore[return-value]
+
+
+def main_only(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and hand its (picklable) result, or its exception, to every rank."""
+    if not _active():
+        return fn()
+    return _on_main_then_tell(fn, share_result=True)[1]  # type: ignore[return-value]
+
+
+def all_reduce_counts(values: list[float]) -> list[float]:
+    """Element-wise sum of a few numbers over ranks (one small collective)."""
+    if not _active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info().device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (e.g. a stop request)."""
+    if not _active():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=info().device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
+    """Print `message` prefixed with the rank and end this process now, without teardown.
+
+    os._exit skips atexit/destructors that could block on a dead peer; torchrun sees the
+    non-zero exit and stops the other ranks.
+    """
+    prefix = f"[rank {rank()}] " if world_size() > 1 else ""
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def install_fail_fast() -> None:
+    """Turn an uncaught exception on any rank into one named line and an immediate exit."""
+
+    def hook(exc_type, exc, tb):  # noqa: ANN001
+        if not issubclass(exc_type, KeyboardInterrupt):
+            traceback.print_exception(exc_type, exc, tb)
+        fail(f"failed: {exc_type.__name__}: {exc}")
+
+    sys.excepthook = hook
+
+
+def shutdown() -> None:
+    """Leave the process group (local operation; never waits for other ranks)."""
+    global _info
+    if _active():
+        dist.destroy_process_group()
+    _info = None
