@@ -30,9 +30,11 @@ GUIDANCE_CHANNELS = ("first3", "all")
 PRECISIONS = ("fp32", "bf16")
 VAE_CHOICES = ("ema", "mse", "none")
 OFFICIAL_MODEL = "DiT-XL/2"
+CUSTOM_MODEL = "custom"
 OFFICIAL_SIZES = (256, 512)
 OFFICIAL_NUM_CLASSES = 1000
 GRID_SIZE = 64
+SD_VAE_DOWNSAMPLE = 8  # sd-vae-ft latents are 1/8 of the image (a --vae-path VAE is checked when loaded)
 PREFETCH_HINT = "python -m launch.prefetch"
 HASH_BLOCK = 1 << 20
 VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36))
     add = p.add_argument
-    add("--model", choices=list(DiT_models), default=OFFICIAL_MODEL, help="DiT configuration")
+    add("--model", choices=[*DiT_models, CUSTOM_MODEL], default=OFFICIAL_MODEL,
+        help=f"DiT configuration; {CUSTOM_MODEL}: the architecture stored in a train.py checkpoint")
     add("--vae", choices=VAE_CHOICES, default="ema", help="sd-vae-ft decoder; none for pixel-space models")
     add("--vae-path", default=None, help="local diffusers AutoencoderKL folder (instead of the hub)")
     add("--sample-dir", default="samples", help="parent folder of the run folder and the .npz")
@@ -156,8 +159,8 @@ def validate(cfg: SampleConfig) -> None:
     from diffusion.rng import MAX_GLOBAL_SEED
     from models.dit import DiT_models
 
-    if cfg.model not in DiT_models:
-        raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)}")
+    if cfg.model not in DiT_models and cfg.model != CUSTOM_MODEL:
+        raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)} or {CUSTOM_MODEL}")
     if cfg.cfg_scale < 1.0:
         raise ConfigError(f"--cfg-scale must be >= 1 (1 disables guidance), got {cfg.cfg_scale}")
     if cfg.num_fid_samples <= 0:
@@ -178,8 +181,8 @@ def validate(cfg: SampleConfig) -> None:
         raise ConfigError(f"--ddim-eta must be >= 0, got {cfg.ddim_eta}")
     if cfg.guidance_interval is not None and cfg.guidance_interval[0] > cfg.guidance_interval[1]:
         raise ConfigError(f"--guidance-interval LOW HIGH needs LOW <= HIGH, got {cfg.guidance_interval}")
-    downsample = 1 if cfg.vae == "none" else 8
-    patch = int(cfg.model.rsplit("/", 1)[1])  # "DiT-XL/2" -> 2
+    downsample = 1 if cfg.vae == "none" else SD_VAE_DOWNSAMPLE
+    patch = 1 if cfg.model == CUSTOM_MODEL else int(cfg.model.rsplit("/", 1)[1])  # "DiT-XL/2" -> 2
     if cfg.image_size <= 0 or cfg.image_size % (downsample * patch):
         raise ConfigError(f"--image-size {cfg.image_size} does not fit {cfg.model}: it must be a multiple of "
                           f"{downsample * patch} (VAE factor {downsample} x patch {patch})")
@@ -227,9 +230,13 @@ def load_network(cfg: SampleConfig, device):  # noqa: ANN001, ANN201
     from models.vae import load_codec
 
     ckpt = cfg.ckpt or str(dist.rank0_first(lambda: official_checkpoint(cfg.image_size)))
-    codec = dist.rank0_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=device, image_channels=3))
+    codec = dist.rank0_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=device))
+    if cfg.image_size % codec.downsample:
+        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's factor {codec.downsample}")
     model, meta = build_model(cfg.model, ckpt, cfg.image_size // codec.downsample, cfg.num_classes,
                               allow_pickle=cfg.allow_pickle)
+    if cfg.vae == "none":
+        codec = load_codec("none", device=device, image_channels=model.in_channels)
     if model.in_channels != codec.latent_channels:
         raise ConfigError(f"checkpoint {ckpt} has {model.in_channels} input channels but --vae {cfg.vae} gives "
                           f"{codec.latent_channels}; use --vae none for pixel-space models")
