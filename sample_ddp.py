@@ -296,9 +296,9 @@ def run(cfg: SampleConfig) -> int:
         rundir.write_json_atomic(cfg.run_dir / rundir.MANIFEST_NAME, manifest)
         return manifest
 
-    dist.main_only(prepare_folder)
-    model, codec, _, meta = load_network(cfg, info.device)
+    model, codec, _, meta = load_network(cfg, info.device)  # validates the checkpoint before any file is written
     _check_class_map(meta, cfg)
+    dist.main_only(prepare_folder)
 
     filename = lambda i: index_filename(i, N)  # noqa: E731
     local_missing = rundir.scan_missing(cfg.run_dir, N, info.world_size, info.rank, filename, png_is_valid)

@@ -26,6 +26,7 @@ import torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, DiT
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
+OFFICIAL_URL_ENV = "DIT_OFFICIAL_URL"  # mirror override (also used by the tests)
 OFFICIAL_CHECKPOINTS: dict[int, str] = {256: "DiT-XL-2-256x256.pt", 512: "DiT-XL-2-512x512.pt"}
 OFFICIAL_MODEL = "DiT-XL/2"
 CUSTOM_MODEL = "custom"  # architecture read from a train.py checkpoint's config (any size)
@@ -330,6 +331,11 @@ def build_model(
 # ------------------------------------------------------------------------------------- official download
 
 
+def official_base_url() -> str:
+    """OFFICIAL_URL, or a mirror given in $DIT_OFFICIAL_URL (a folder URL ending in '/')."""
+    return os.environ.get(OFFICIAL_URL_ENV) or OFFICIAL_URL
+
+
 def official_cache_path(image_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the official DiT-XL/2 checkpoint for ``image_size`` lives: ``$TORCH_HOME/hub/checkpoints``."""
     if image_size not in OFFICIAL_CHECKPOINTS:
@@ -370,7 +376,7 @@ def official_checkpoint(image_size: int, cache_dir: str | os.PathLike | None = N
     path = official_cache_path(image_size, cache_dir)
     if path.is_file():
         return path
-    url = OFFICIAL_URL + OFFICIAL_CHECKPOINTS[image_size]
+    url = official_base_url() + OFFICIAL_CHECKPOINTS[image_size]
     try:
         _download(url, path)
     except (TimeoutError, OSError, urllib.error.URLError, ValueError) as e:

@@ -30,9 +30,10 @@ def sampler_cmd(nproc: int, args: list[str]) -> list[str]:
             "--monitor-interval=0.2", "sample_ddp.py", *args]
 
 
-def run_sampler(nproc: int, args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(sampler_cmd(nproc, args), cwd=ROOT, env=sampler_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_sampler(nproc: int, args: list[str], timeout: float = 180,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(sampler_cmd(nproc, args), cwd=ROOT, env={**sampler_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def start_sampler(nproc: int, args: list[str]) -> subprocess.Popen:

@@ -1,0 +1,119 @@
+"""ADM batches: streamed reads equal numpy's whole reads, streamed writes are np.load-able, errors are one line."""
+
+from __future__ import annotations
+
+import errno
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation import batches
+from evaluation.batches import BatchError, NpzWriter, PngWriter, index_filename, open_batch, pack_folder
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (11, 6, 7, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_streamed_chunks_equal_numpy_load(tmp_path, images, save):
+    path = tmp_path / "b.npz"
+    save(path, images, np.arange(11), mu=np.ones(3))
+    batch = open_batch(path)
+    assert (batch.num_images, batch.height, batch.width) == (11, 6, 7)
+    assert np.array_equal(np.concatenate(list(batch.iter_chunks(4))), np.load(path)["arr_0"])
+    assert np.array_equal(np.concatenate(list(batch.iter_chunks(3, start=2, stop=9))), images[2:9])
+    assert batch.has("mu") and np.array_equal(batch.array("mu"), np.ones(3))
+    assert np.array_equal(batch.array("arr_1"), np.arange(11))
+
+
+def test_writer_streams_an_np_load_able_zip64_batch_and_renames_at_the_end(tmp_path, images):
+    out = tmp_path / "w.npz"
+    with NpzWriter(out, 11, 6, 7) as w:
+        w.write(images[:5])
+        assert not out.exists()
+        w.write(images[5:])
+        w.close({"arr_1": np.arange(11, dtype=np.int64)})
+    data = np.load(out)
+    assert np.array_equal(data["arr_0"], images) and data["arr_1"].dtype == np.int64
+    with zipfile.ZipFile(out) as zf:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+
+
+def test_writer_with_missing_images_leaves_nothing(tmp_path, images):
+    out = tmp_path / "w.npz"
+    w = NpzWriter(out, 11, 6, 7)
+    w.write(images[:3])
+    with pytest.raises(BatchError, match="3 images written but 11 announced"):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((2, 3, 8, 8), np.uint8), "looks like NCHW"),
+        (np.zeros((2, 8, 8, 3), np.float32), "dtype float32"),
+        (np.zeros((2, 8, 8, 4), np.uint8), "4 channels"),
+        (np.zeros((8, 8, 3), np.uint8), "expected [N, H, W, 3]"),
+    ],
+)
+def test_bad_arrays_are_one_line_errors(tmp_path, array, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, array)
+    with pytest.raises(BatchError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        open_batch(path)
+
+
+def test_missing_arr0_truncated_and_empty_folder(tmp_path, images):
+    np.savez(tmp_path / "noimg.npz", mu=np.zeros(2))
+    with pytest.raises(BatchError, match="has no arr_0"):
+        open_batch(tmp_path / "noimg.npz")
+    np.savez(tmp_path / "ok.npz", images)
+    data = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) - 100])
+    with pytest.raises(BatchError, match="truncated|not a readable"):
+        b = open_batch(tmp_path / "cut.npz")
+        list(b.iter_chunks(4))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BatchError, match="contains no .png"):
+        open_batch(tmp_path / "empty")
+
+
+def test_png_writer_pack_folder_and_folder_reading(tmp_path, images):
+    writer = PngWriter(workers=2)
+    for i, img in enumerate(images):
+        writer.submit(tmp_path / index_filename(i, len(images)), img)
+    writer.close()
+    assert not list(tmp_path.glob(".*"))
+    Image.fromarray(images[0]).save(tmp_path / "grid.png")  # ignored: not an index name
+    folder = open_batch(tmp_path)
+    assert folder.num_images == 11 and np.array_equal(folder.read_all(), images)
+    out = pack_folder(tmp_path, tmp_path.parent / "packed.npz", 11, labels=np.arange(11), workers=2)
+    assert np.array_equal(np.load(out)["arr_0"], images)
+    (tmp_path / index_filename(4, 11)).unlink()
+    with pytest.raises(BatchError, match="lacks 1 of 11 PNGs .first: 000004.png"):
+        pack_folder(tmp_path, tmp_path.parent / "again.npz", 11)
+    assert index_filename(3, 10**6 + 1) == "0000003.png"
+
+
+def test_disk_full_names_the_path_and_keeps_written_pngs(tmp_path, images, monkeypatch):
+    writer = PngWriter(workers=1)
+    writer.submit(tmp_path / "000000.png", images[0])
+    writer.wait()
+
+    def full(self, fp, *args, **kwargs):  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    writer.submit(tmp_path / "000001.png", images[1])
+    with pytest.raises(BatchError, match="cannot write .*000001.png: No space left on device"):
+        writer.close()
+    assert (tmp_path / "000000.png").exists()
+    assert not (tmp_path / "000001.png").exists()
+    assert batches.png_is_valid(tmp_path / "000000.png")
+    assert not batches.png_is_valid(Path(tmp_path / "000001.png"))

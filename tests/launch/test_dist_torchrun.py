@@ -1,0 +1,57 @@
+"""launch.dist under torchrun with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent('''
+    import json, sys, torch
+    from launch import dist
+
+    info = dist.init(timeout_s=60)
+    out = {"rank": info.rank, "world": info.world_size}
+    t = torch.full((2,), float(info.rank + 1), dtype=torch.float64)
+    out["sum"] = dist.all_reduce_sum(t).tolist()
+    parts = dist.all_gather_tensor(torch.arange(info.rank + 1))
+    out["gathered"] = [p.tolist() for p in parts]
+    out["shared"] = dist.main_only(lambda: {"from": dist.rank()})
+    out["counts"] = dist.all_reduce_counts([1.0, float(info.rank)])
+    out["stop"] = dist.any_rank(info.rank == 1)
+
+    def fails_on_rank0():
+        if dist.rank() == 0:
+            raise FileNotFoundError("offline: pass --ckpt")
+        return "never reached"
+
+    try:
+        dist.rank0_first(fails_on_rank0)
+    except FileNotFoundError as exc:
+        out["error"] = str(exc)
+    with open(sys.argv[1] + f".{info.rank}", "w") as f:
+        json.dump(out, f)
+    dist.shutdown()
+''')
+
+
+def test_collectives_and_rank0_failure_reach_every_rank(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    for r, rep in enumerate(reports):
+        assert (rep["rank"], rep["world"]) == (r, 2)
+        assert rep["sum"] == [3.0, 3.0]
+        assert rep["gathered"] == [[0], [0, 1]]
+        assert rep["shared"] == {"from": 0}
+        assert rep["counts"] == [2.0, 1.0]
+        assert rep["stop"] is True
+        assert rep["error"] == "offline: pass --ckpt"
