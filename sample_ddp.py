@@ -242,10 +242,28 @@ def load_network(cfg: SampleConfig, device):  # noqa: ANN001, ANN201
                           f"{codec.latent_channels}; use --vae none for pixel-space models")
     model = model.to(device).eval().requires_grad_(False)
     if cfg.compile:
-        import torch
-
-        model = torch.compile(model)
+        model = _compiled(model, cfg, device)
     return model, codec, ckpt, meta
+
+
+def _compiled(model, cfg: SampleConfig, device):  # noqa: ANN001, ANN202
+    """torch.compile(model), tried once on the real batch shape; the eager model if compiling fails."""
+    import torch
+
+    from launch import dist
+
+    compiled = torch.compile(model)
+    batch = cfg.per_proc_batch_size * (2 if cfg.cfg_scale > 1 else 1)
+    x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    try:
+        with _autocast(cfg, device):
+            compiled(x, t, t)
+    except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler on the node: sampling still works eagerly
+        dist.print0(f"warning: --compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                    "sampling without it")
+        return model
+    return compiled
 
 
 def _dist_setup(cfg: SampleConfig):  # noqa: ANN202

@@ -7,13 +7,14 @@ batches `mu`, `sigma`, `mu_s`, `sigma_s`. Nothing here holds a whole batch in me
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import threading
 import zipfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -343,9 +344,9 @@ def png_is_valid(path: Path) -> bool:
 def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
                extras: Mapping[str, np.ndarray] | None = None, workers: int = DEFAULT_WORKERS,
                chunk: int = 64) -> Path:
-    """Decode PNGs in parallel, in order, and stream them into `out` (an ADM .npz).
+    """Decode PNGs in parallel worker processes, in order, and stream them into `out` (an ADM .npz).
 
-    Memory stays at about `chunk * workers` images whatever `num_images` is.
+    Memory stays at about `chunk * 2 * workers` images whatever `num_images` is.
     """
     files = list(files)
     if len(files) != num_images:
@@ -354,7 +355,7 @@ def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
         raise BatchError(f"{out}: no images to pack")
     first = _read_png(files[0])
     height, width = first.shape[:2]
-    with ThreadPoolExecutor(max(1, workers)) as pool, NpzWriter(out, num_images, height, width) as writer:
+    with _decode_pool(workers) as pool, NpzWriter(out, num_images, height, width) as writer:
         lookahead: deque[Future] = deque()
         starts = iter(range(0, num_images, chunk))
 
@@ -363,12 +364,22 @@ def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
             if a is not None:
                 lookahead.append(pool.submit(_read_chunk, files[a: a + chunk], height, width))
 
-        for _ in range(max(2, workers)):
+        for _ in range(2 * max(1, workers)):
             submit_next()
         while lookahead:
             writer.write(lookahead.popleft().result())
             submit_next()
         return writer.close(extras)
+
+
+def _decode_pool(workers: int) -> Executor:
+    """PIL's PNG decoder holds the GIL, so decoding scales with processes, not threads.
+
+    Workers are spawned (not forked): the parent may hold torch's thread pools.
+    """
+    if workers <= 1:
+        return ThreadPoolExecutor(1)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _read_chunk(files: list[Path], height: int, width: int) -> np.ndarray:
