@@ -440,8 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         return run(cfg)
     except (ConfigError, CheckpointError, CodecError, RunDirError, BatchError) as exc:
-        if dist.is_main() or dist.world_size() == 1:
+        # Configuration errors are the same on every rank: rank 0 says it once. A write error
+        # (e.g. disk full) is this rank's own: it says it, with its rank.
+        if dist.is_main():
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        elif isinstance(exc, BatchError):
+            print(f"error: [rank {dist.rank()}] {exc}", file=sys.stderr, flush=True)
         # Leave at once: another rank may be waiting in a collective that will never come.
         sys.stdout.flush()
         os._exit(EXIT_BAD_INPUT)
