@@ -353,6 +353,7 @@ def run(cfg: SampleConfig) -> int:
     finally:
         bar.close()
     if stopped:
+        dist.barrier()  # every rank's in-flight PNGs are on disk before any rank exits (torchrun stops the rest)
         dist.print0("preemption signal received: in-flight PNGs written; rerun the same command to resume")
         dist.shutdown()
         return preempt.EXIT_PREEMPTED

