@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import importlib.metadata
 import math
 import os
@@ -36,7 +35,6 @@ OFFICIAL_NUM_CLASSES = 1000
 GRID_SIZE = 64
 SD_VAE_DOWNSAMPLE = 8  # sd-vae-ft latents are 1/8 of the image (a --vae-path VAE is checked when loaded)
 PREFETCH_HINT = "python -m launch.prefetch"
-HASH_BLOCK = 1 << 20
 VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
 
 EXAMPLES = """examples:
@@ -199,14 +197,6 @@ def validate(cfg: SampleConfig) -> None:
         raise ConfigError(f"--ckpt {cfg.ckpt} does not exist")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
@@ -291,13 +281,14 @@ def run(cfg: SampleConfig) -> int:
     from diffusion.rng import SampleNoise, sample_seed
     from evaluation.batches import PngWriter, index_filename, png_is_valid
     from launch import dist, preempt, rundir, shard
+    from launch.prefetch import file_sha256
 
     info = _dist_setup(cfg)
     if cfg.pack_only:
         return pack(cfg) if info.is_main else 0
 
     N = cfg.num_fid_samples
-    ckpt_sha = dist.main_only(lambda: file_sha256(cfg.ckpt) if cfg.ckpt else None)
+    ckpt_sha = dist.main_only(lambda: file_sha256(Path(cfg.ckpt)) if cfg.ckpt else None)
     identity = cfg.identity(ckpt_sha)
     labels = shard.plan_labels(N, cfg.num_classes, cfg.global_seed, cfg.label_sampling, sample_seed)
 
