@@ -316,7 +316,8 @@ def run(cfg: SampleConfig) -> int:
                 f"on {info.world_size} process(es)")
 
     diffusion = create_diffusion(str(cfg.num_sampling_steps) if cfg.sampler == "ddpm"
-                                 else f"ddim{cfg.num_sampling_steps}", learn_sigma=model.learn_sigma)
+                                 else f"ddim{cfg.num_sampling_steps}", learn_sigma=model.learn_sigma,
+                                 **_trained_objective(meta))
     model_fn = guided_model(model, cfg.cfg_scale, cfg.num_classes, cfg.guidance_channels, cfg.guidance_interval)
     latent_shape = (model.in_channels, model.input_size, model.input_size)
     writer = PngWriter(workers=cfg.png_workers)
@@ -363,6 +364,16 @@ def _sample(diffusion, model_fn, z, y, noise, cfg: SampleConfig):  # noqa: ANN00
     if cfg.sampler == "ddim":
         return diffusion.ddim_sample_loop(model_fn, z.shape, eta=cfg.ddim_eta, **kwargs)
     return diffusion.p_sample_loop(model_fn, z.shape, **kwargs)
+
+
+def _trained_objective(meta: dict) -> dict:
+    """The diffusion a train.py checkpoint was trained with (official checkpoints: DiT's defaults)."""
+    from diffusion import DEFAULT_DIFFUSION_STEPS
+
+    config = meta.get("config") or {}
+    return {"predict_v": config.get("prediction") == "v",
+            "noise_schedule": config.get("noise_schedule", "linear"),
+            "diffusion_steps": int(config.get("diffusion_steps", DEFAULT_DIFFUSION_STEPS))}
 
 
 def _check_class_map(meta: dict, cfg: SampleConfig) -> None:

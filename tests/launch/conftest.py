@@ -8,7 +8,6 @@ of its `#SBATCH --output` line. `exec` keeps the PID: the test signals the batch
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -208,33 +207,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> No
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def random_inception_state(seed: int = 0) -> dict:
-    """A torch-fidelity Inception state dict with Kaiming-normal convolutions and a random classifier."""
-    import torch
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Skeleton(FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - skip the weights file
-            return None
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    torch.manual_seed(seed)
-    net = Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.nn.init.normal_(net.fc.weight, std=1.0)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
+    from fake_inception import make_random_inception_state
 
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(random_inception_state(), path)
+    torch.save(make_random_inception_state(), path)
     return path
 
 

@@ -1,0 +1,183 @@
+"""`python -m evaluation.reference IMAGE_DIR --image-size 256 --out ref.npz`: an ADM reference batch.
+
+Every image (found recursively: .jpg, .jpeg, .png, .gif, as ADM's loader) goes through ADM's preprocessing
+(`center_crop_arr`: halve with BOX while the short side is >= 2x the target, BICUBIC so the short side equals
+the target, centre crop) and then through Inception; `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial)
+cover all images, streamed. `arr_0` holds `--num-images` of them for precision/recall: a seeded uniform
+choice without replacement (`numpy.random.default_rng(seed).choice`), kept in file order, so the same folder
+and seed always give the same file; all images when the folder holds no more than that.
+Under torchrun the images are split over ranks; rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from evaluation.batches import BatchError, NpzWriter
+from evaluation.evaluator import (
+    EXIT_BAD_INPUT,
+    EvaluationError,
+    cli_warnings,
+    extract_batch,
+    init_device,
+    shard_range,
+)
+from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, InceptionWeightsError, resolve_weights
+from evaluation.metrics import MetricError
+from launch import dist
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_recursively
+DEFAULT_NUM_IMAGES = 10_000  # ADM's ImageNet reference batches hold 10k images in arr_0
+DEFAULT_SEED = 0
+BOX_FACTOR = 2  # halve while the short side is at least twice the target
+DECODE_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+EXAMPLES = """examples:
+  python -m evaluation.reference /data/imagenet/train --image-size 256 --out VIRTUAL_imagenet256.npz
+  torchrun --standalone --nproc_per_node=8 -m evaluation.reference photos/ --image-size 512 --out ref512.npz \\
+      --num-images 5000
+"""
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, in sorted path order."""
+    if not folder.is_dir():
+        raise EvaluationError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not p.name.startswith("."))
+    if not files:
+        raise EvaluationError(f"{folder} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM preprocessing -> uint8 [size, size, 3]."""
+    image = image.convert("RGB")
+    while min(image.size) >= BOX_FACTOR * size:
+        image = image.resize(tuple(s // BOX_FACTOR for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return center_crop(im, size)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise EvaluationError(f"cannot decode {path}: {exc}") from None
+
+
+def iter_images(files: list[Path], size: int, chunk: int) -> Iterator[np.ndarray]:
+    """Preprocessed images in order, `chunk` at a time, decoded on worker threads."""
+    with ThreadPoolExecutor(DECODE_WORKERS) as pool:
+        for a in range(0, len(files), chunk):
+            yield np.stack(list(pool.map(lambda f: load_image(f, size), files[a: a + chunk])))
+
+
+def choose_subset(total: int, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of the images stored in arr_0."""
+    if count >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+
+
+def build_reference(folder: str | os.PathLike, image_size: int, out: str | os.PathLike,
+                    extractor: InceptionExtractor, num_images: int = DEFAULT_NUM_IMAGES,
+                    seed: int = DEFAULT_SEED, chunk_size: int | None = None) -> Path | None:
+    """Write an ADM reference batch; returns its path on rank 0 (None on the others). A collective."""
+    files = list_images(Path(folder))
+    if len(files) < 2:
+        raise EvaluationError(f"{folder} holds {len(files)} image; a reference needs at least 2")
+    chunk_size = chunk_size or extractor.batch_size
+    start, stop = shard_range(len(files), dist.rank(), dist.world_size())
+    subset = choose_subset(len(files), num_images, seed)
+    writer = NpzWriter(out, len(subset), image_size, image_size) if dist.is_main() else None
+    chosen = set(subset.tolist())
+
+    def own_chunks() -> Iterator[np.ndarray]:
+        # Rank 0's shard comes first in file order, so its chosen images are written as they pass.
+        index = start
+        for chunk in iter_images(files[start:stop], image_size, chunk_size):
+            if writer is not None:
+                keep = [i for i in range(chunk.shape[0]) if index + i in chosen]
+                if keep:
+                    writer.write(chunk[keep])
+            index += chunk.shape[0]
+            yield chunk
+
+    try:
+        got = extract_batch(own_chunks(), len(files), (start, stop), extractor, label=f"reference {folder}")
+        if writer is None:
+            return None
+        rest = [files[i] for i in subset if i >= stop]  # chosen images of the other ranks' shards
+        for chunk in iter_images(rest, image_size, chunk_size):
+            writer.write(chunk)
+        extras = {"mu": got.pool.mean(), "sigma": got.pool.cov("reference pool_3"), "mu_s": got.spatial.mean(),
+                  "sigma_s": got.spatial.cov("reference spatial")}
+        return writer.close(extras)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(prog="python -m evaluation.reference", formatter_class=Formatter, epilog=EXAMPLES,
+                                description="Build an ADM reference batch (arr_0 + mu/sigma/mu_s/sigma_s) from an "
+                                            "image folder with ADM's resize and centre crop.")
+    p.add_argument("image_dir", help="folder of images (searched recursively)")
+    p.add_argument("--image-size", type=int, required=True, help="side of the square images (e.g. 256)")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
+                   help="images stored in arr_0 (seeded choice; statistics always use every image)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the arr_0 choice")
+    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception forward")
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
+    p.add_argument("--no-download", action="store_true", help="never try to download Inception weights")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with cli_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        if args.image_size < 1 or args.num_images < 1 or args.batch_size < 1:
+            raise EvaluationError("--image-size, --num-images and --batch-size must be positive")
+        list_images(Path(args.image_dir))  # fail fast, before loading the network
+        device = init_device(args.device)
+        weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights,
+                                                           allow_download=not args.no_download))
+        extractor = InceptionExtractor(weights, device, args.batch_size)
+        out = build_reference(args.image_dir, args.image_size, args.out, extractor, args.num_images, args.seed)
+    except (BatchError, InceptionWeightsError, MetricError, EvaluationError) as exc:
+        if dist.is_main():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    finally:
+        dist.shutdown()
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Training-only pieces: configuration, label dropout, loss assembly, EMA, learning rate, checkpoints.
+
+The loop itself lives in ``train.py``; everything here is a small function of plain values so that it can
+be tested against closed forms. Randomness is reseeded at every micro-batch from
+``(global_seed, micro-batch index, rank)`` (:func:`micro_batch_seed`), so a resumed run draws exactly the
+timesteps, noise and dropped labels of an uninterrupted one without storing generator states.
+
+Checkpoint format (``torch.load(weights_only=True)`` safe: tensors, dicts, lists, numbers, strings)::
+
+    {"model": state_dict, "ema": state_dict, "opt": AdamW state, "config": dict (architecture + args),
+     "step": int, "class_to_idx": {name: index}, "rng": {"global_seed", "rule"},
+     "timestep_sampler": dict (loss history of the importance sampler; empty when uniform)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusion import LossWeighting, create_diffusion
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
+
+CUSTOM_MODEL = "custom"
+DEFAULT_EMA_DECAY = 0.9999  # DiT
+DEFAULT_LR = 1e-4  # DiT (AdamW, no weight decay)
+EMA_WARMUP_OFFSET = 10.0  # warm-up decay min(decay, (1 + step) / (10 + step))
+SEED_STRIDE = 2**32  # micro_batch_seed = global_seed * 2**32 + micro_index * world + rank
+CHECKPOINT_DIGITS = 7  # checkpoints/0001000.pt, as DiT
+CHECKPOINT_RE = re.compile(r"^(\d+)\.pt$")
+CHECKPOINT_KEYS = ("model", "ema", "opt", "config", "step", "class_to_idx", "rng")
+PREDICTIONS = ("epsilon", "v")
+SCHEDULES = ("linear", "cosine")
+WEIGHTINGS = ("none", "min_snr", "p2")
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+DATASETS = ("folder", "latents", "digits")
+VAES = ("ema", "mse", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
+RESUME_AUTO = "auto"
+RESUME_NONE = "none"
+ARCH_KEYS = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "patch_size",
+    "input_size",
+    "in_channels",
+    "num_classes",
+    "learn_sigma",
+)
+
+
+class TrainError(Exception):
+    """A training input is unusable (one-line message naming the flag or file)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training argument (kebab-case flags in train.py map one-to-one onto these fields)."""
+
+    # data
+    dataset: str = "folder"
+    data_path: str | None = None
+    image_size: int = 256
+    num_classes: int | None = None  # None: the number of class folders
+    hflip: bool = True
+    image_channels: int = 3
+    vae: str = "ema"
+    vae_path: str | None = None
+    latent_cache: str | None = None
+    num_workers: int = 0
+    # model
+    model: str = "DiT-XL/2"
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    learn_sigma: bool = True
+    class_dropout: float = CLASS_DROPOUT_PROB
+    # diffusion objective
+    prediction: str = "epsilon"
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    use_kl: bool = False
+    timestep_sampler: str = "uniform"
+    loss_weighting: str = "none"
+    snr_gamma: float = 5.0
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    # optimisation
+    global_batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = DEFAULT_LR
+    weight_decay: float = 0.0
+    label_lr_mult: float = 1.0
+    warmup_steps: int = 0
+    lr_decay_every: int = 0
+    lr_decay_factor: float = 0.5
+    max_grad_norm: float = 0.0
+    precision: str = "auto"
+    ema_decay: float = DEFAULT_EMA_DECAY
+    ema_warmup: bool = False
+    # run
+    results_dir: str = "results"
+    max_steps: int = 400_000
+    ckpt_every: int = 50_000
+    checkpoints_total_limit: int | None = None
+    resume: str = RESUME_AUTO
+    log_every: int = 100
+    sample_every: int = 0
+    sample_steps: int = 25
+    sample_cfg: float = 4.0
+    global_seed: int = 0
+    progress: bool = True
+    dist_timeout: float = 600.0
+    tf32: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no file: one TrainError line per problem."""
+    choices = dict(
+        dataset=DATASETS,
+        vae=VAES,
+        prediction=PREDICTIONS,
+        noise_schedule=SCHEDULES,
+        loss_weighting=WEIGHTINGS,
+        timestep_sampler=TIMESTEP_SAMPLERS,
+        precision=PRECISIONS,
+    )
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise TrainError(
+                f"--{name.replace('_', '-')} {getattr(cfg, name)} is not one of {', '.join(allowed)}"
+            )
+    if cfg.image_channels not in (1, 3):
+        raise TrainError(f"--image-channels must be 1 or 3, got {cfg.image_channels}")
+    if cfg.image_channels != 3 and cfg.vae != "none":
+        raise TrainError("--image-channels 1 is for pixel-space models (--vae none); the VAE takes RGB")
+    if cfg.dataset != "digits" and not cfg.data_path:
+        raise TrainError(f"--dataset {cfg.dataset} needs --data-path")
+    if cfg.model == CUSTOM_MODEL:
+        missing = [k for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(cfg, k) is None]
+        if missing:
+            raise TrainError(f"--model custom needs {', '.join('--' + k.replace('_', '-') for k in missing)}")
+    elif cfg.model not in DIT_CONFIGS:
+        raise TrainError(f"--model {cfg.model} is unknown; choose one of {', '.join(DIT_CONFIGS)} or custom")
+    if not 0.0 <= cfg.class_dropout < 1.0:
+        raise TrainError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise TrainError(f"--ema-decay must be in [0, 1], got {cfg.ema_decay}")
+    positive = dict(
+        global_batch_size=cfg.global_batch_size,
+        grad_accum=cfg.grad_accum,
+        max_steps=cfg.max_steps,
+        ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every,
+        image_size=cfg.image_size,
+        sample_steps=cfg.sample_steps,
+        diffusion_steps=cfg.diffusion_steps,
+    )
+    for name, value in positive.items():
+        if value < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if cfg.label_lr_mult <= 0:
+        raise TrainError(f"--label-lr-mult must be > 0, got {cfg.label_lr_mult}")
+    if cfg.lr <= 0:
+        raise TrainError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise TrainError(f"--checkpoints-total-limit must be >= 1, got {cfg.checkpoints_total_limit}")
+    if cfg.use_kl and cfg.loss_weighting != "none":
+        raise TrainError("--loss-weighting applies to the MSE objective; it cannot be combined with --use-kl")
+    if cfg.use_kl and not cfg.learn_sigma:
+        raise TrainError("--use-kl trains the variance through the VLB; it needs --learn-sigma")
+    if cfg.noise_offset < 0 or cfg.input_perturbation < 0:
+        raise TrainError("--noise-offset and --input-perturbation must be >= 0")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise TrainError(f"--num-classes must be >= 1, got {cfg.num_classes}")
+
+
+def architecture(cfg: TrainConfig) -> dict[str, int]:
+    """depth, hidden_size, num_heads, patch_size of ``--model`` (or of the custom flags)."""
+    if cfg.model == CUSTOM_MODEL:
+        return {k: int(getattr(cfg, k)) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    return dict(DIT_CONFIGS[cfg.model])
+
+
+def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
+    """global batch = per-process batch x processes x accumulation steps (must divide exactly)."""
+    parts = world_size * cfg.grad_accum
+    if cfg.global_batch_size % parts:
+        raise TrainError(
+            f"--global-batch-size {cfg.global_batch_size} is not divisible by {world_size} processes x "
+            f"--grad-accum {cfg.grad_accum}"
+        )
+    return cfg.global_batch_size // parts
+
+
+# ------------------------------------------------------------------------------------------ randomness
+
+
+def micro_batch_seed(global_seed: int, micro_index: int, rank: int, world_size: int) -> int:
+    """Seed of one rank's micro-batch: unique over (micro-batch, rank), independent of how the run was cut."""
+    return global_seed * SEED_STRIDE + micro_index * world_size + rank
+
+
+def init_seed(global_seed: int) -> int:
+    """Seed of the weight initialisation: the last seed of the global seed's block, never a micro-batch's."""
+    return global_seed * SEED_STRIDE + SEED_STRIDE - 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global CPU (and CUDA) generators that draw t, the noise and the dropped labels."""
+    torch.manual_seed(seed)
+
+
+def label_drop_mask(batch_size: int, prob: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Classifier-free guidance training: 1 where the label is replaced by the null label (rate ``prob``).
+
+    Passed to ``DiT.forward(..., force_drop_ids=mask)``, which maps those labels to ``num_classes``.
+    """
+    return (torch.rand(batch_size, device=device) < prob).long()
+
+
+# ------------------------------------------------------------------------------------------ objective
+
+
+def build_diffusion(cfg: TrainConfig) -> GaussianDiffusion:
+    """The training process: all ``diffusion_steps`` steps, the chosen schedule, target and loss."""
+    return create_diffusion(
+        "",
+        noise_schedule=cfg.noise_schedule,
+        use_kl=cfg.use_kl,
+        learn_sigma=cfg.learn_sigma,
+        predict_v=cfg.prediction == "v",
+        diffusion_steps=cfg.diffusion_steps,
+    )
+
+
+def loss_weighting(cfg: TrainConfig) -> LossWeighting:
+    """min-SNR-gamma (Hang et al. 2023) or P2 (Choi et al. 2022) weighting of the MSE term, or none."""
+    if cfg.loss_weighting == "min_snr":
+        return LossWeighting("min_snr", gamma=cfg.snr_gamma)
+    if cfg.loss_weighting == "p2":
+        return LossWeighting("p2", gamma=cfg.p2_gamma, k=cfg.p2_k)
+    return LossWeighting("none")
+
+
+def diffusion_loss(
+    diffusion: GaussianDiffusion,
+    model: Any,
+    x_start: torch.Tensor,
+    t: torch.Tensor,
+    model_kwargs: dict[str, Any],
+    cfg: TrainConfig,
+    importance: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample losses [B] of one micro-batch (noise from the global RNG, seeded per micro-batch).
+
+    loss_t = w_SNR(t) * ||target - output||^2 (+ L_vlb,t with stop-gradient on the mean when learning
+    sigma: the improved-DDPM hybrid objective), multiplied by the importance weight 1 / (T p_t) when t
+    is importance-sampled. Returns the diffusion's terms with "loss" replaced by that product and the
+    unweighted per-sample loss kept as "raw_loss" (what the importance sampler records).
+    """
+    weighting = None if cfg.use_kl else loss_weighting(cfg)
+    terms = diffusion.training_losses(
+        model,
+        x_start,
+        t,
+        model_kwargs=model_kwargs,
+        loss_weighting=weighting,
+        noise_offset=cfg.noise_offset,
+        input_perturbation=cfg.input_perturbation,
+    )
+    terms["raw_loss"] = terms["loss"].detach()
+    if importance is not None:
+        terms["loss"] = terms["loss"] * importance
+    return terms
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+
+def param_groups(model: nn.Module, label_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: the class-embedding table with ``lr_mult`` = label_lr_mult, everything else 1.
+
+    With Adam every entry moves by about lr per step, so an embedding row (D entries) changes its output by
+    ~sqrt(D) lr while a dense layer's output changes by ~fan_in lr (the muP argument for a larger input-layer
+    learning rate); the multiplier lets the label signal grow as fast as the timestep embedding.
+    """
+    table = model.y_embedder.embedding_table.weight
+    rest = [p for p in model.parameters() if p.requires_grad and p is not table]
+    return [{"params": rest, "lr_mult": 1.0}, {"params": [table], "lr_mult": float(label_lr_mult)}]
+
+
+def learning_rate(
+    step: int, base_lr: float, warmup_steps: int = 0, decay_every: int = 0, decay_factor: float = 0.5
+) -> float:
+    """Linear warm-up from base/warmup to base over ``warmup_steps``, then x decay_factor every
+    ``decay_every`` steps after the warm-up (step decay; 0 disables either part)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if decay_every > 0:
+        return base_lr * decay_factor ** ((step - warmup_steps) // decay_every)
+    return base_lr
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool = False) -> float:
+    """The EMA decay used after optimizer step ``step``; with warm-up min(decay, (1 + s) / (10 + s))."""
+    if warmup:
+        return min(decay, (1.0 + step) / (EMA_WARMUP_OFFSET + step))
+    return decay
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter (frozen ones included)."""
+    ema_params = dict(ema.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.detach().to(ema_params[name].dtype), alpha=1.0 - decay)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dir(results_dir: str | os.PathLike) -> Path:
+    return Path(results_dir) / "checkpoints"
+
+
+def checkpoint_path(results_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(results_dir) / f"{step:0{CHECKPOINT_DIGITS}d}.pt"
+
+
+def list_checkpoints(results_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint, oldest first (temp files are ignored)."""
+    folder = checkpoint_dir(results_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(results_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """torch.save to ``<path>.tmp``, then os.replace: a killed job never leaves a half file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def prune_checkpoints(results_dir: str | os.PathLike, limit: int | None) -> list[Path]:
+    """Delete the oldest checkpoints so that at most ``limit`` remain; returns the removed paths."""
+    if limit is None:
+        return []
+    found = list_checkpoints(results_dir)
+    removed = [p for _, p in found[: max(0, len(found) - limit)]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A train.py checkpoint (weights_only load) with every key needed to resume."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one error line
+        raise TrainError(f"--resume {path} cannot be read ({str(e).splitlines()[0][:100]})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise TrainError(f"--resume {path} is not a train.py checkpoint (missing {', '.join(missing)})")
+    return obj
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike) -> None:
+    """The architecture and the class map of the checkpoint must be the ones being trained."""
+    for key in ARCH_KEYS:
+        if saved.get(key) != current.get(key):
+            raise TrainError(
+                f"--resume {path} has {key}={saved.get(key)} but this run has {key}={current.get(key)}"
+            )
+
+
+def checkpoint_config(cfg: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
+    """The stored config: the architecture keys models.checkpoints reads, plus every training argument."""
+    config = cfg.to_dict()
+    config.update(arch)
+    config["model"] = cfg.model
+    return config
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(math.ceil(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}"
+
+
+def export_ema(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Keep only what sampling needs: {"ema", "config", "class_to_idx", "step"} (for shipping weights)."""
+    obj = load_training_checkpoint(src)
+    slim = {k: obj[k] for k in ("ema", "config", "class_to_idx", "step")}
+    slim["ema"] = {k: v.clone() for k, v in slim["ema"].items()}  # no views into the optimizer blob
+    return save_checkpoint(slim, dst)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write the EMA weights of a train.py checkpoint to a small file.")
+    p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"), required=True)
+    a = p.parse_args(argv)
+    try:
+        out = export_ema(*a.export)
+    except TrainError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

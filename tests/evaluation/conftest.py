@@ -1,0 +1,77 @@
+"""Shared fixtures for the evaluation tests: locally made Inception weights and tiny image batches.
+
+Inception costs ~150 ms per image on a CPU core, so the weights, the extractor and the features of the
+two small batches are made once per session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fake_inception import IMAGE_SIDE, make_images, make_random_inception_state
+
+from evaluation.inception import InceptionExtractor, InceptionWeights
+
+NUM_REF = 8
+NUM_SAMPLE = 8
+
+
+def write_npz(path: Path, images: np.ndarray, **extras: np.ndarray) -> Path:
+    np.savez(path, arr_0=images, **extras)
+    return path
+
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(make_random_inception_state(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights(weights_file: Path) -> InceptionWeights:
+    return InceptionWeights(weights_file, "explicit", has_classifier=True)
+
+
+@pytest.fixture(scope="session")
+def extractor(weights: InceptionWeights) -> InceptionExtractor:
+    return InceptionExtractor(weights, "cpu", batch_size=8)
+
+
+def make_flat_images(seed: int, n: int, side: int = IMAGE_SIDE) -> np.ndarray:
+    """Images of one random colour each."""
+    colours = np.random.default_rng(seed).integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
+    return np.broadcast_to(colours, (n, side, side, 3)).copy()
+
+
+# Two modes per set, one shared (noise), so precision and recall are both strictly between 0 and 1.
+@pytest.fixture(scope="session")
+def ref_images() -> np.ndarray:
+    return np.concatenate([make_images(1, NUM_REF // 2), make_flat_images(7, NUM_REF - NUM_REF // 2)])
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> np.ndarray:
+    return np.concatenate([make_images(2, NUM_SAMPLE // 2, smooth=True), make_images(3, NUM_SAMPLE - NUM_SAMPLE // 2)])
+
+
+@pytest.fixture(scope="session")
+def batch_files(tmp_path_factory: pytest.TempPathFactory, ref_images: np.ndarray,
+                sample_images: np.ndarray) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("batches")
+    return write_npz(folder / "ref.npz", ref_images), write_npz(folder / "sample.npz", sample_images)
+
+
+@pytest.fixture(scope="session")
+def features(extractor: InceptionExtractor, ref_images: np.ndarray,
+             sample_images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Per-image features of both batches (float64 numpy), extracted once."""
+    out = {}
+    for name, images in (("ref", ref_images), ("sample", sample_images)):
+        got = extractor.extract(images)
+        out[name] = {k: v.double().numpy() for k, v in got.items()}
+    return out

@@ -1,0 +1,106 @@
+"""evaluation.reference: ADM preprocessing, the seeded arr_0 choice, streamed statistics, CLI errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.batches import open_batch
+from evaluation.inception import InceptionExtractor
+from evaluation.reference import build_reference, center_crop, choose_subset, main
+
+SIZE = 16
+# (width, height): tall, wide, exactly the target, a BOX halving twice (short side 70 -> 35 -> 17.5 ... )
+IMAGE_SIZES = [(40, 70), (50, 33), (16, 16), (140, 70), (300, 65)]
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's center_crop_arr, written out step by step."""
+    image = image.convert("RGB")
+    w, h = image.size
+    while min(w, h) >= 2 * size:
+        w, h = w // 2, h // 2
+        image = image.resize((w, h), resample=Image.BOX)
+    scale = size / min(w, h)
+    image = image.resize((round(w * scale), round(h * scale)), resample=Image.BICUBIC)
+    arr = np.array(image)
+    y0, x0 = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y0: y0 + size, x0: x0 + size]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "sub").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(IMAGE_SIZES):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        target = folder / "sub" if i % 2 else folder
+        if i == 3:
+            Image.fromarray(pixels).convert("L").save(target / f"img{i}.jpg", quality=95)  # grey -> RGB
+        else:
+            Image.fromarray(pixels).save(target / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_center_crop_matches_adm(image_folder: Path):
+    for path in sorted(image_folder.rglob("img*")):
+        with Image.open(path) as im:
+            ours = center_crop(im, SIZE)
+        with Image.open(path) as im:
+            expected = adm_center_crop(im, SIZE)
+        assert ours.shape == (SIZE, SIZE, 3) and ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_choose_subset_is_seeded_and_sorted():
+    a, b = choose_subset(100, 10, seed=3), choose_subset(100, 10, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert np.all(np.diff(a) > 0) and len(set(a.tolist())) == 10
+    assert not np.array_equal(a, choose_subset(100, 10, seed=4))
+    np.testing.assert_array_equal(choose_subset(5, 10, seed=0), np.arange(5))
+
+
+def test_build_reference(tmp_path: Path, image_folder: Path, extractor: InceptionExtractor):
+    out = tmp_path / "ref.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_reference(image_folder, SIZE, out, extractor, num_images=3, seed=1, chunk_size=4)
+    files = sorted(p for p in image_folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    assert len(files) == len(IMAGE_SIZES)
+    expected_all = []
+    for f in files:
+        with Image.open(f) as im:
+            expected_all.append(adm_center_crop(im, SIZE))
+    expected_all = np.stack(expected_all)
+    batch = open_batch(out)
+    chosen = np.sort(np.random.default_rng(1).choice(len(files), 3, replace=False))
+    np.testing.assert_array_equal(batch.read_all(), expected_all[chosen])
+    feats = extractor.extract(expected_all)
+    pool, spatial = feats["pool"].double().numpy(), feats["spatial"].double().numpy()
+    np.testing.assert_allclose(batch.array("mu"), pool.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(batch.array("sigma"), np.cov(pool, rowvar=False), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(batch.array("mu_s"), spatial.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(batch.array("sigma_s"), np.cov(spatial, rowvar=False), rtol=1e-4, atol=1e-7)
+
+
+def test_cli_errors(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    for argv, fragment in [
+        ([str(tmp_path / "empty"), "--image-size", "16", "--out", str(tmp_path / "r.npz")], "contains no images"),
+        ([str(tmp_path / "nope"), "--image-size", "16", "--out", str(tmp_path / "r.npz")], "is not a folder"),
+        ([str(tmp_path), "--image-size", "0", "--out", str(tmp_path / "r.npz")], "must be positive"),
+    ]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main([*argv, "--no-download"])
+        assert rc == 2 and err.getvalue().startswith("error: ") and fragment in err.getvalue()
+        assert len(err.getvalue().strip().splitlines()) == 1
+    assert not (tmp_path / "r.npz").exists()
