@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception forward")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
     p.add_argument("--no-download", action="store_true", help="never try to download Inception weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
 
 
@@ -162,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.image_size < 1 or args.num_images < 1 or args.batch_size < 1:
             raise EvaluationError("--image-size, --num-images and --batch-size must be positive")
+        if Path(args.out).exists() and not args.overwrite:
+            raise EvaluationError(f"--out {args.out} exists; pass --overwrite to rebuild it or choose another path")
         list_images(Path(args.image_dir))  # fail fast, before loading the network
         device = init_device(args.device)
         weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights,

@@ -104,3 +104,13 @@ def test_cli_errors(tmp_path: Path):
         assert rc == 2 and err.getvalue().startswith("error: ") and fragment in err.getvalue()
         assert len(err.getvalue().strip().splitlines()) == 1
     assert not (tmp_path / "r.npz").exists()
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path: Path, image_folder: Path):
+    out = tmp_path / "ref.npz"
+    out.write_bytes(b"an earlier reference")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([str(image_folder), "--image-size", "16", "--out", str(out), "--no-download"])
+    assert rc == 2 and "exists; pass --overwrite" in err.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1 and out.read_bytes() == b"an earlier reference"
