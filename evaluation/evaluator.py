@@ -310,6 +310,20 @@ def _save_cache(file: Path, data: dict[str, np.ndarray]) -> None:
         warnings.warn(f"could not cache reference statistics in {file}: {exc.strerror or exc}", stacklevel=2)
 
 
+def reference_cache_file(cache_dir: Path, path: Path, weights: InceptionWeights) -> Path:
+    """Where the arr_0 statistics and pool_3 features of reference batch `path` are cached."""
+    return cache_dir / f"{content_key(path, weights)}.npz"
+
+
+def cache_reference(cache_dir: Path, path: Path, weights: InceptionWeights, got: BatchFeatures) -> None:
+    """Store what a reference builder extracted from exactly the images of `path`'s arr_0, so that the
+    first evaluation against it skips that Inception pass."""
+    _save_cache(reference_cache_file(cache_dir, path, weights),
+                {"count": np.array(got.pool.count), "mu": got.pool.mean(), "sigma": got.pool.cov("reference pool_3"),
+                 "mu_s": got.spatial.mean(), "sigma_s": got.spatial.cov("reference spatial"),
+                 "pool_features": got.pool_features})
+
+
 def load_reference(batch: ImageBatch, metrics: set[str], extractor: InceptionExtractor,
                    cache_dir: Path | None, chunk_size: int) -> Reference:
     """Reference statistics as ADM reads them: given mu/sigma (mu_s/sigma_s) win; arr_0 gives the rest."""
@@ -322,7 +336,7 @@ def load_reference(batch: ImageBatch, metrics: set[str], extractor: InceptionExt
     if not need_extract:
         return Reference(batch.num_images, pool, spatial, None, source)
 
-    cache_file = cache_dir / f"{content_key(batch.path, extractor.weights)}.npz" if cache_dir else None
+    cache_file = reference_cache_file(cache_dir, batch.path, extractor.weights) if cache_dir else None
     # Rank 0 decides and shares the cache contents, so every rank takes the same path.
     cached = dist.main_only(lambda: _load_cache(cache_file) if cache_file and cache_file.is_file() else None)
     if cached is None:

@@ -23,8 +23,10 @@ from PIL import Image
 
 from evaluation.batches import BatchError, NpzWriter
 from evaluation.evaluator import (
+    DEFAULT_CACHE_DIR,
     EXIT_BAD_INPUT,
     EvaluationError,
+    cache_reference,
     cli_warnings,
     extract_batch,
     init_device,
@@ -94,8 +96,13 @@ def choose_subset(total: int, count: int, seed: int) -> np.ndarray:
 
 def build_reference(folder: str | os.PathLike, image_size: int, out: str | os.PathLike,
                     extractor: InceptionExtractor, num_images: int = DEFAULT_NUM_IMAGES,
-                    seed: int = DEFAULT_SEED, chunk_size: int | None = None) -> Path | None:
-    """Write an ADM reference batch; returns its path on rank 0 (None on the others). A collective."""
+                    seed: int = DEFAULT_SEED, chunk_size: int | None = None,
+                    cache_dir: Path | None = DEFAULT_CACHE_DIR) -> Path | None:
+    """Write an ADM reference batch; returns its path on rank 0 (None on the others). A collective.
+
+    When arr_0 holds every image, its statistics and pool_3 features go into the evaluator's cache
+    (`cache_dir`), so the first evaluation against the new file needs no Inception pass over it.
+    """
     files = list_images(Path(folder))
     if len(files) < 2:
         raise EvaluationError(f"{folder} holds {len(files)} image; a reference needs at least 2")
@@ -117,7 +124,9 @@ def build_reference(folder: str | os.PathLike, image_size: int, out: str | os.Pa
             yield chunk
 
     try:
-        got = extract_batch(own_chunks(), len(files), (start, stop), extractor, label=f"reference {folder}")
+        seed_cache = cache_dir is not None and len(subset) == len(files)
+        got = extract_batch(own_chunks(), len(files), (start, stop), extractor, features=seed_cache,
+                            label=f"reference {folder}")
         if writer is None:
             return None
         rest = [files[i] for i in subset if i >= stop]  # chosen images of the other ranks' shards
@@ -125,7 +134,10 @@ def build_reference(folder: str | os.PathLike, image_size: int, out: str | os.Pa
             writer.write(chunk)
         extras = {"mu": got.pool.mean(), "sigma": got.pool.cov("reference pool_3"), "mu_s": got.spatial.mean(),
                   "sigma_s": got.spatial.cov("reference spatial")}
-        return writer.close(extras)
+        path = writer.close(extras)
+        if got.pool_features is not None:
+            cache_reference(cache_dir, path, extractor.weights, got)
+        return path
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -150,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
     p.add_argument("--no-download", action="store_true", help="never try to download Inception weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                   help="the evaluator's reference cache, seeded when arr_0 holds every image")
+    p.add_argument("--no-cache", action="store_true", help="do not seed that cache")
     return p
 
 
@@ -170,7 +185,8 @@ def _run(args: argparse.Namespace) -> int:
         weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights,
                                                            allow_download=not args.no_download))
         extractor = InceptionExtractor(weights, device, args.batch_size)
-        out = build_reference(args.image_dir, args.image_size, args.out, extractor, args.num_images, args.seed)
+        out = build_reference(args.image_dir, args.image_size, args.out, extractor, args.num_images, args.seed,
+                              cache_dir=None if args.no_cache else args.cache_dir)
     except (BatchError, InceptionWeightsError, MetricError, EvaluationError) as exc:
         if dist.is_main():
             print(f"error: {exc}", file=sys.stderr, flush=True)

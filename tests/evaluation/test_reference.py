@@ -114,3 +114,27 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path: Path, image_folder: 
         rc = main([str(image_folder), "--image-size", "16", "--out", str(out), "--no-download"])
     assert rc == 2 and "exists; pass --overwrite" in err.getvalue()
     assert len(err.getvalue().strip().splitlines()) == 1 and out.read_bytes() == b"an earlier reference"
+
+
+def test_a_full_reference_seeds_the_evaluator_cache(tmp_path: Path, image_folder: Path,
+                                                     extractor: InceptionExtractor, sample_images: np.ndarray):
+    """arr_0 = every image: the first evaluation reads the reference's features from the cache (no Inception
+    pass over it) and gets the numbers an evaluation without any cache gets."""
+    from evaluation.evaluator import evaluate
+
+    out, cache = tmp_path / "ref.npz", tmp_path / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_reference(image_folder, SIZE, out, extractor, num_images=len(IMAGE_SIZES), cache_dir=cache)
+        assert len(list(cache.glob("*.npz"))) == 1
+        seen = []
+        counting = InceptionExtractor(extractor.weights, extractor.device, extractor.batch_size)
+        real_extract = counting.extract
+        counting.extract = lambda images: seen.append(len(images)) or real_extract(images)
+        sample = tmp_path / "sample.npz"
+        np.savez(sample, arr_0=sample_images)
+        cached = evaluate(out, sample, counting, metrics=["fid", "prec", "recall"], cache_dir=cache)
+        assert sum(seen) == len(sample_images)  # the reference was not run through Inception again
+        fresh = evaluate(out, sample, extractor, metrics=["fid", "prec", "recall"], cache_dir=None)
+    for key in ("fid", "precision", "recall"):
+        assert cached[key] == pytest.approx(fresh[key], rel=1e-6, abs=1e-9), key
