@@ -35,6 +35,7 @@ def children(pid: int) -> list[int]:
 
 
 def once(tmp: Path, ckpt: Path) -> dict:
+    """One kill; `tmp` must be a fresh folder (PNGs of an earlier run would end the wait at once)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample_ddp.py",
            "--model", "custom", "--ckpt", str(ckpt), "--image-size", "16", "--vae", "none", "--num-classes", "10",
            "--num-fid-samples", "400", "--per-proc-batch-size", "4", "--num-sampling-steps", "50",
@@ -67,8 +68,8 @@ def main() -> None:
         net, config = untrained_dit("custom", input_size=16, in_channels=3, num_classes=10, depth=4, hidden_size=64,
                                     num_heads=2, patch_size=2)
         ckpt = save_checkpoint(net, config, tmp / "m.pt")
-        for _ in range(a.repeats):
-            print(json.dumps(once(tmp, ckpt)), flush=True)
+        for repeat in range(a.repeats):
+            print(json.dumps(once(Path(tempfile.mkdtemp(dir=tmp, prefix=f"run{repeat}-")), ckpt)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sampling throughput: our loop (per-sample generators + background PNG writer) vs the plain loop.
 
-    python benchmarks/bench_sampling.py --batches 2 --batch-size 8 --steps 8
+    python benchmarks/bench_sampling.py --batches 2 --batch-size 8 --steps 8 --repeats 3
 
 A DiT-S/2-sized network (depth 12, width 384, patch 2) on 32x32x4 inputs, the shape of DiT-S/2 at
 256 px, with classifier-free guidance (the batch doubles inside the model call). The VAE decode is
@@ -10,7 +10,9 @@ left out: it is the same in every variant. Variants:
   ours        SampleNoise per-sample generators + PngWriter background threads
   ours+bf16   ours under bf16 autocast
   ours+compile ours with torch.compile(model)
-Prints one JSON line per variant with images/s.
+The variants run interleaved, `--repeats` rounds (a shared machine drifts by more than the 5% we look
+for); prints one JSON line per run, then one summary line per variant: best and median images/s and
+the median's cost relative to `plain`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +94,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="plain,plain+sync,ours,ours+bf16,ours+compile")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the variants")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -98,14 +102,28 @@ def main() -> None:
     base = DiT(input_size=32, in_channels=4, num_classes=NUM_CLASSES, **DIT_S2).eval()
     print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
                       "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size}))
-    for name in args.variants.split(","):
-        model = torch.compile(base) if "compile" in name else base
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                print(json.dumps(run_variant(name, model, args, Path(tmp))), flush=True)
-            except Exception as exc:  # noqa: BLE001 - report and go on (e.g. no compiler for torch.compile)
-                print(json.dumps({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
-
+    names = args.variants.split(",")
+    models = {name: torch.compile(base) if "compile" in name else base for name in names}
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    result = run_variant(name, models[name], args, Path(tmp))
+                except Exception as exc:  # noqa: BLE001 - report and go on (e.g. no compiler for torch.compile)
+                    print(json.dumps({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
+                    continue
+            rates[name].append(result["images_per_s"])
+            print(json.dumps(result), flush=True)
+    plain = statistics.median(rates["plain"]) if rates.get("plain") else None
+    for name, got in rates.items():
+        if got:
+            median = statistics.median(got)
+            summary = {"variant": name, "runs": len(got), "best_images_per_s": max(got),
+                       "median_images_per_s": round(median, 3)}
+            if plain:
+                summary["median_vs_plain"] = f"{100 * (median / plain - 1):+.1f}%"
+            print(json.dumps({"summary": summary}), flush=True)
 
 if __name__ == "__main__":
     main()
