@@ -315,13 +315,19 @@ def reference_cache_file(cache_dir: Path, path: Path, weights: InceptionWeights)
     return cache_dir / f"{content_key(path, weights)}.npz"
 
 
-def cache_reference(cache_dir: Path, path: Path, weights: InceptionWeights, got: BatchFeatures) -> None:
-    """Store what a reference builder extracted from exactly the images of `path`'s arr_0, so that the
-    first evaluation against it skips that Inception pass."""
-    _save_cache(reference_cache_file(cache_dir, path, weights),
-                {"count": np.array(got.pool.count), "mu": got.pool.mean(), "sigma": got.pool.cov("reference pool_3"),
-                 "mu_s": got.spatial.mean(), "sigma_s": got.spatial.cov("reference spatial"),
-                 "pool_features": got.pool_features})
+def reference_stats(got: BatchFeatures) -> dict[str, np.ndarray]:
+    """What the reference cache holds: count, mu, sigma, mu_s, sigma_s (and pool_features when extracted)."""
+    stats = {"count": np.array(got.pool.count), "mu": got.pool.mean(), "sigma": got.pool.cov("reference pool_3"),
+             "mu_s": got.spatial.mean(), "sigma_s": got.spatial.cov("reference spatial")}
+    if got.pool_features is not None:
+        stats["pool_features"] = got.pool_features
+    return stats
+
+
+def cache_reference(cache_dir: Path, path: Path, weights: InceptionWeights, stats: dict[str, np.ndarray]) -> None:
+    """Store `reference_stats` of exactly the images of `path`'s arr_0, so that the first evaluation
+    against it skips that Inception pass."""
+    _save_cache(reference_cache_file(cache_dir, path, weights), stats)
 
 
 def load_reference(batch: ImageBatch, metrics: set[str], extractor: InceptionExtractor,
@@ -342,9 +348,7 @@ def load_reference(batch: ImageBatch, metrics: set[str], extractor: InceptionExt
     if cached is None:
         chunks, rows = batch_chunks(batch, chunk_size)
         got = extract_batch(chunks, batch.num_images, rows, extractor, features=True, label=f"reference {batch.path}")
-        cached = {"count": np.array(got.pool.count), "mu": got.pool.mean(), "sigma": got.pool.cov("reference pool_3"),
-                  "mu_s": got.spatial.mean(), "sigma_s": got.spatial.cov("reference spatial"),
-                  "pool_features": got.pool_features}
+        cached = reference_stats(got)
         if cache_file is not None and dist.is_main():
             _save_cache(cache_file, cached)
         extracted = "computed"

@@ -30,6 +30,7 @@ from evaluation.evaluator import (
     cli_warnings,
     extract_batch,
     init_device,
+    reference_stats,
     shard_range,
 )
 from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, InceptionWeightsError, resolve_weights
@@ -132,11 +133,10 @@ def build_reference(folder: str | os.PathLike, image_size: int, out: str | os.Pa
         rest = [files[i] for i in subset if i >= stop]  # chosen images of the other ranks' shards
         for chunk in iter_images(rest, image_size, chunk_size):
             writer.write(chunk)
-        extras = {"mu": got.pool.mean(), "sigma": got.pool.cov("reference pool_3"), "mu_s": got.spatial.mean(),
-                  "sigma_s": got.spatial.cov("reference spatial")}
-        path = writer.close(extras)
-        if got.pool_features is not None:
-            cache_reference(cache_dir, path, extractor.weights, got)
+        stats = reference_stats(got)
+        path = writer.close({k: stats[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
+        if seed_cache:
+            cache_reference(cache_dir, path, extractor.weights, stats)
         return path
     except BaseException:
         if writer is not None:
