@@ -400,9 +400,14 @@ def evaluate(ref_path: str | os.PathLike | ImageBatch, sample_path: str | os.Pat
         is_note = extractor.weights.is_unavailable_reason()
     t0 = time.perf_counter()
     reference = load_reference(ref, wanted, extractor, cache_dir, chunk_size)
+    # As ADM's read_statistics: statistics stored in the sample file win over its images.
+    sample_given = {METRIC_FID: _given_stats(sample, "pool") if METRIC_FID in wanted else None,
+                    METRIC_SFID: _given_stats(sample, "spatial") if METRIC_SFID in wanted else None}
     chunks, rows = batch_chunks(sample, chunk_size)
-    got = extract_batch(chunks, sample.num_images, rows, extractor, moments=METRIC_FID in wanted,
-                        spatial=METRIC_SFID in wanted, logits=METRIC_IS in wanted and extractor.has_logits,
+    got = extract_batch(chunks, sample.num_images, rows, extractor,
+                        moments=METRIC_FID in wanted and sample_given[METRIC_FID] is None,
+                        spatial=METRIC_SFID in wanted and sample_given[METRIC_SFID] is None,
+                        logits=METRIC_IS in wanted and extractor.has_logits,
                         features=bool(wanted & {METRIC_PREC, METRIC_RECALL}), label=f"samples {sample.path}")
     if METRIC_IS in wanted:
         report[JSON_KEYS[METRIC_IS]] = got.inception.score() if got.inception is not None else None
@@ -410,7 +415,8 @@ def evaluate(ref_path: str | os.PathLike | ImageBatch, sample_path: str | os.Pat
     pairs = {METRIC_FID: (got.pool, reference.pool, "sample pool_3"),
              METRIC_SFID: (got.spatial, reference.spatial, "sample spatial")}
     report.update(dist.main_only(lambda: {
-        JSON_KEYS[m]: frechet_distance(stats.mean(), stats.cov(label), *ref_stats, name=PRINT_NAMES[m])
+        JSON_KEYS[m]: frechet_distance(*(sample_given[m] or (stats.mean(), stats.cov(label))), *ref_stats,
+                                       name=PRINT_NAMES[m])
         for m, (stats, ref_stats, label) in pairs.items() if m in wanted}))
     if wanted & {METRIC_PREC, METRIC_RECALL}:
         precision, recall = distributed_precision_recall(reference.pool_features, got.pool_features,
@@ -425,6 +431,7 @@ def evaluate(ref_path: str | os.PathLike | ImageBatch, sample_path: str | os.Pat
         "num_samples": sample.num_images,
         "num_reference": ref.num_images,
         "reference_statistics": reference.source,
+        "sample_statistics": "given in the file" if any(v is not None for v in sample_given.values()) else "computed",
         "inception_weights": {"path": str(extractor.weights.path), "source": extractor.weights.source,
                               "has_classifier": extractor.weights.has_classifier},
         "device": str(extractor.device),

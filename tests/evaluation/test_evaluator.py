@@ -168,6 +168,26 @@ def test_reference_cache_skips_extraction(cli_run: dict, batch_files: tuple[Path
     assert report["precision"] == cli_run["json"]["precision"] and report["recall"] == cli_run["json"]["recall"]
 
 
+def test_statistics_stored_in_the_sample_file_are_used_as_adm_does(tmp_path: Path, extractor: InceptionExtractor,
+                                                                    features: dict[str, dict[str, np.ndarray]],
+                                                                    ref_images: np.ndarray, sample_images: np.ndarray):
+    """ADM's read_statistics takes mu/sigma (mu_s/sigma_s) from the sample .npz when present."""
+    ref_pool, ref_spatial = features["ref"]["pool"], features["ref"]["spatial"]
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=ref_images, mu=ref_pool.mean(0), sigma=np.cov(ref_pool, rowvar=False),
+             mu_s=ref_spatial.mean(0), sigma_s=np.cov(ref_spatial, rowvar=False))
+    shifted = tmp_path / "sample_with_stats.npz"  # the reference's statistics, the pool mean moved by 0.1
+    np.savez(shifted, arr_0=sample_images, mu=ref_pool.mean(0) + 0.1, sigma=np.cov(ref_pool, rowvar=False),
+             mu_s=ref_spatial.mean(0), sigma_s=np.cov(ref_spatial, rowvar=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate(ref, shifted, extractor, ["fid", "sfid"], cache_dir=None)
+    assert report["sample_statistics"] == "given in the file"
+    assert report["fid"] == pytest.approx(2048 * 0.1**2, rel=1e-6)  # only the means differ
+    # identical statistics: 0 up to the round-off of the square-root trace (relative to the traces it cancels)
+    assert report["sfid"] == pytest.approx(0.0, abs=1e-6 * 2 * np.trace(np.cov(ref_spatial, rowvar=False)))
+
+
 def test_precomputed_reference_statistics_are_used(tmp_path: Path, extractor: InceptionExtractor,
                                                    features: dict[str, dict[str, np.ndarray]],
                                                    ref_images: np.ndarray, sample_images: np.ndarray,
