@@ -1,13 +1,16 @@
 """Sampling throughput: our loop (per-sample generators + background PNG writer) vs the plain loop.
 
     python benchmarks/bench_sampling.py --batches 2 --batch-size 8 --steps 8 --repeats 3
+    python benchmarks/bench_sampling.py --device cuda --model DiT-XL/2 --batch-size 32 --steps 50 \
+        --variants plain,ours,ours+tf32,ours+bf16,ours+compile      # on a GPU node
 
-A DiT-S/2-sized network (depth 12, width 384, patch 2) on 32x32x4 inputs, the shape of DiT-S/2 at
-256 px, with classifier-free guidance (the batch doubles inside the model call). The VAE decode is
-left out: it is the same in every variant. Variants:
+By default a DiT-S/2 (`--model`: any of the 12 configurations; random weights: speed does not depend
+on them) on 32x32x4 latents, the shape at 256 px, with classifier-free guidance (the batch doubles
+inside the model call). The VAE decode is left out: it is the same in every variant. Variants:
   plain       global torch.randn for all noise, no PNG writing (the floor)
   plain+sync  global RNG, PNGs encoded synchronously in the loop (what the official script does)
   ours        SampleNoise per-sample generators + PngWriter background threads
+  ours+tf32   ours with TF32 matmuls and convolutions (CUDA; the same as ours on CPU)
   ours+bf16   ours under bf16 autocast
   ours+compile ours with torch.compile(model)
 The variants run interleaved, `--repeats` rounds (a shared machine drifts by more than the 5% we look
@@ -34,10 +37,11 @@ from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from diffusion.rng import SampleNoise, sample_seed
 from evaluation.batches import PngWriter
-from models.dit import DiT
+from models.dit import DiT_models
 from models.vae import to_uint8_nhwc
 
-DIT_S2 = dict(depth=12, hidden_size=384, patch_size=2, num_heads=6)
+DEFAULT_MODEL = "DiT-S/2"
+LATENT_SIZE = 32  # 256 px / the VAE's factor 8
 NUM_CLASSES = 1000
 CFG_SCALE = 1.5
 
@@ -46,11 +50,19 @@ def to_images(x: torch.Tensor) -> np.ndarray:
     return to_uint8_nhwc(x[:, :3]).numpy()  # first 3 of 4 channels stand in for a decoded image
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_variant(name: str, model: torch.nn.Module, args: argparse.Namespace, out: Path) -> dict:
+    device = torch.device(args.device)
     diffusion = create_diffusion(str(args.steps))
     model_fn = guided_model(model, CFG_SCALE, NUM_CLASSES, "first3")
-    shape = (args.batch_size, 4, 32, 32)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in name else contextlib.nullcontext())
+    shape = (args.batch_size, 4, LATENT_SIZE, LATENT_SIZE)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in name else contextlib.nullcontext())
+    tf32 = "tf32" in name
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     writer = PngWriter(workers=2) if name.startswith("ours") else None
     torch.manual_seed(0)
     timings = []
@@ -59,17 +71,17 @@ def run_variant(name: str, model: torch.nn.Module, args: argparse.Namespace, out
         indices = range(b * args.batch_size, (b + 1) * args.batch_size)
         if writer is not None:
             noise = SampleNoise([sample_seed(0, i) for i in indices])
-            y = noise.randint(NUM_CLASSES)
-            z = noise.randn(shape[1:])
+            y = noise.randint(NUM_CLASSES).to(device)
+            z = noise.randn(shape[1:], device)
             noise_fn = noise
         else:
-            y = torch.randint(NUM_CLASSES, (args.batch_size,))
-            z = torch.randn(shape)
+            y = torch.randint(NUM_CLASSES, (args.batch_size,), device=device)
+            z = torch.randn(shape, device=device)
             noise_fn = torch.randn_like
         with autocast:
             x = diffusion.p_sample_loop(model_fn, shape, noise=z, clip_denoised=False, model_kwargs={"y": y},
                                         noise_fn=noise_fn)
-        images = to_images(x.float())
+        images = to_images(x.float())  # to the CPU: waits for the device
         if writer is not None:
             for i, img in zip(indices, images):
                 writer.submit(out / f"{i:06d}.png", img)
@@ -82,6 +94,7 @@ def run_variant(name: str, model: torch.nn.Module, args: argparse.Namespace, out
         start = time.perf_counter()
         writer.close()
         timings[-1] += time.perf_counter() - start  # the writes still in flight count
+    synchronize(device)
     seconds = sum(timings)
     return {"variant": name, "images": args.batches * args.batch_size, "seconds": round(seconds, 2),
             "images_per_s": round(args.batches * args.batch_size / seconds, 3)}
@@ -93,15 +106,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(DiT_models))
     p.add_argument("--variants", default="plain,plain+sync,ours,ours+bf16,ours+compile")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the variants")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
-    base = DiT(input_size=32, in_channels=4, num_classes=NUM_CLASSES, **DIT_S2).eval()
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
-                      "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size}))
+    device = torch.device(args.device)
+    base = DiT_models[args.model](input_size=LATENT_SIZE, num_classes=NUM_CLASSES).to(device).eval()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(json.dumps({"machine": platform.processor() or platform.machine(), "gpu": gpu, "threads": args.threads,
+                      "torch": torch.__version__, "model": args.model, "steps": args.steps,
+                      "batch_size": args.batch_size}))
     names = args.variants.split(",")
     models = {name: torch.compile(base) if "compile" in name else base for name in names}
     rates: dict[str, list[float]] = {name: [] for name in names}
