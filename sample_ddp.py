@@ -23,18 +23,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from launch.exits import EXIT_BAD_INPUT
+from launch.files import file_sha256, remove_stale_temps, write_json_atomic
+from models.vae import CODEC_CHOICES
+
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_CHANNELS = ("first3", "all")
 PRECISIONS = ("fp32", "bf16")
-VAE_CHOICES = ("ema", "mse", "none")
 OFFICIAL_MODEL = "DiT-XL/2"
 CUSTOM_MODEL = "custom"
 OFFICIAL_SIZES = (256, 512)
 OFFICIAL_NUM_CLASSES = 1000
 GRID_SIZE = 64
 SD_VAE_DOWNSAMPLE = 8  # sd-vae-ft latents are 1/8 of the image (a --vae-path VAE is checked when loaded)
-PREFETCH_HINT = "python -m launch.prefetch"
 VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
 
 EXAMPLES = """examples:
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--model", choices=[*DiT_models, CUSTOM_MODEL], default=OFFICIAL_MODEL,
         help=f"DiT configuration; {CUSTOM_MODEL}: the architecture stored in a train.py checkpoint")
-    add("--vae", choices=VAE_CHOICES, default="ema", help="sd-vae-ft decoder; none for pixel-space models")
+    add("--vae", choices=CODEC_CHOICES, default="ema", help="sd-vae-ft decoder; none for pixel-space models")
     add("--vae-path", default=None, help="local diffusers AutoencoderKL folder (instead of the hub)")
     add("--sample-dir", default="samples", help="parent folder of the run folder and the .npz")
     add("--per-proc-batch-size", type=int, default=32, help="images per process per forward pass")
@@ -281,7 +282,6 @@ def run(cfg: SampleConfig) -> int:
     from diffusion.rng import SampleNoise, sample_seed
     from evaluation.batches import PngWriter, index_filename, png_is_valid
     from launch import dist, preempt, rundir, shard
-    from launch.prefetch import file_sha256
 
     info = _dist_setup(cfg)
     if cfg.pack_only:
@@ -294,7 +294,7 @@ def run(cfg: SampleConfig) -> int:
 
     def prepare_folder() -> dict:
         previous = rundir.prepare(cfg.run_dir, identity, cfg.overwrite)
-        rundir.remove_stale_temps(cfg.run_dir)
+        remove_stale_temps(cfg.run_dir)
         manifest = previous or {"version": rundir.MANIFEST_VERSION, "identity": identity,
                                 "config": dataclasses.asdict(cfg), "seed_formula": "seed_i = global_seed * 2**32 + i",
                                 "label_rule": shard.plan_labels.__doc__.split("\n\n")[1].strip(),
@@ -302,7 +302,7 @@ def run(cfg: SampleConfig) -> int:
         manifest["versions"] = package_versions()
         manifest["sessions"].append({"started": rundir.now(), "world_size": info.world_size,
                                      "per_proc_batch_size": cfg.per_proc_batch_size, "device": info.device.type})
-        rundir.write_json_atomic(cfg.run_dir / rundir.MANIFEST_NAME, manifest)
+        write_json_atomic(cfg.run_dir / rundir.MANIFEST_NAME, manifest)
         return manifest
 
     model, codec, _, meta = load_network(cfg, info.device)  # validates the checkpoint before any file is written
@@ -389,7 +389,7 @@ def _finish_manifest(cfg: SampleConfig) -> None:
     manifest = rundir.read_manifest(cfg.run_dir) or {}
     if manifest.get("sessions"):
         manifest["sessions"][-1]["finished"] = rundir.now()
-    rundir.write_json_atomic(cfg.run_dir / rundir.MANIFEST_NAME, manifest)
+    write_json_atomic(cfg.run_dir / rundir.MANIFEST_NAME, manifest)
 
 
 def _write_grid(cfg: SampleConfig, np) -> None:  # noqa: ANN001

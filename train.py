@@ -18,9 +18,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from launch.exits import EXIT_BAD_INPUT
 from models.training import TrainConfig, TrainError
+from models.vae import CODEC_CHOICES
 
-EXIT_BAD_INPUT = 2
 GRID_PER_CLASS = 4  # sample grid: up to GRID_PER_CLASS images of each of the first GRID_MAX_CLASSES classes
 GRID_MAX_CLASSES = 16
 GRID_SEED = 0  # fixed noise for the grids, so that successive grids show the same samples improving
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.image_channels,
         help="1: train a pixel-space model on the grey (luma) channel",
     )
-    g.add_argument("--vae", choices=T.VAES, default=d.vae, help="sd-vae-ft latents; none: pixel space")
+    g.add_argument("--vae", choices=CODEC_CHOICES, default=d.vae, help="sd-vae-ft latents; none: pixel space")
     g.add_argument("--vae-path", default=d.vae_path, help="local diffusers AutoencoderKL folder")
     g.add_argument(
         "--latent-cache",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
-import threading
 import zipfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from launch.files import FileWriteError, atomic_write, temp_path
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
@@ -39,10 +40,6 @@ def index_filename(index: int, num_images: int) -> str:
     """`{index:06d}.png`, wider when there are more than 10**6 images."""
     digits = max(6, len(str(max(0, num_images - 1))))
     return f"{index:0{digits}d}{PNG_SUFFIX}"
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -227,7 +224,7 @@ class NpzWriter:
         self.path = Path(path)
         self.num_images, self.shape = num_images, (height, width, RGB_CHANNELS)
         self.written = 0
-        self._tmp = _temp_path(self.path)
+        self._tmp = temp_path(self.path)
         try:
             self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         except OSError as exc:
@@ -280,13 +277,11 @@ class NpzWriter:
 
 def write_png(path: Path, image: np.ndarray) -> None:
     """Encode `image` (uint8 HWC) to `path` via a temporary name and an atomic rename."""
-    tmp = _temp_path(path)
     try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BatchError(f"cannot write {path}: {exc.strerror or exc}") from None
+        with atomic_write(path) as f:
+            Image.fromarray(image).save(f, format="PNG")
+    except FileWriteError as exc:
+        raise BatchError(str(exc)) from None
 
 
 class PngWriter:

@@ -50,6 +50,9 @@ from evaluation.metrics import (
     manifold_coverage,
 )
 from launch import dist
+from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, atomic_write
+from launch.shard import share_bounds
 
 METRIC_IS, METRIC_FID, METRIC_SFID, METRIC_PREC, METRIC_RECALL = "is", "fid", "sfid", "prec", "recall"
 METRICS = (METRIC_IS, METRIC_FID, METRIC_SFID, METRIC_PREC, METRIC_RECALL)
@@ -58,7 +61,6 @@ PRINT_NAMES = {METRIC_IS: "Inception Score", METRIC_FID: "FID", METRIC_SFID: "sF
 JSON_KEYS = {METRIC_IS: "inception_score", METRIC_FID: "fid", METRIC_SFID: "sfid",
              METRIC_PREC: "precision", METRIC_RECALL: "recall"}
 MIN_IMAGES = 2  # a covariance needs two
-EXIT_BAD_INPUT = 2
 PREFETCH_DEPTH = 2
 CACHE_VERSION = 1  # bump when extraction changes what a cached reference holds
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dit-fid" / "reference"
@@ -74,11 +76,6 @@ EXAMPLES = """examples:
 
 class EvaluationError(Exception):
     """Unusable arguments or inputs for an evaluation; the message is one line."""
-
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous slice [start, stop) of n items owned by `rank` (sizes differ by at most one)."""
-    return n * rank // world, n * (rank + 1) // world
 
 
 # --------------------------------------------------------------------------------------------- extraction
@@ -209,7 +206,7 @@ def extract_batch(chunks: Iterable[np.ndarray], num_images: int, rows: tuple[int
 
 def batch_chunks(batch: ImageBatch, chunk_size: int) -> tuple[Iterator[np.ndarray], tuple[int, int]]:
     """This rank's contiguous shard of `batch` as chunks, and the shard's global rows [start, stop)."""
-    rows = shard_range(batch.num_images, dist.rank(), dist.world_size())
+    rows = share_bounds(batch.num_images, dist.rank(), dist.world_size())
     return batch.iter_chunks(chunk_size, *rows), rows
 
 
@@ -241,7 +238,7 @@ def distributed_precision_recall(ref: np.ndarray, sample: np.ndarray, device: to
             raise MetricError(f"precision/recall need more than {k} {name} images, got {feats.shape[0]}")
     rank, world = dist.rank(), dist.world_size()
     distance_fn = torch_squared_distances(device)
-    ref_rows, sample_rows = shard_range(len(ref), rank, world), shard_range(len(sample), rank, world)
+    ref_rows, sample_rows = share_bounds(len(ref), rank, world), share_bounds(len(sample), rank, world)
     ref_radii = _gather_rows(torch.from_numpy(knn_radii(ref, k, ref_rows, distance_fn))).numpy()
     sample_radii = _gather_rows(torch.from_numpy(knn_radii(sample, k, sample_rows, distance_fn))).numpy()
     ref_in, sample_in = manifold_coverage(ref, ref_radii, sample, sample_radii, ref_rows, distance_fn)
@@ -300,14 +297,11 @@ def _load_cache(file: Path) -> dict[str, np.ndarray] | None:
 
 
 def _save_cache(file: Path, data: dict[str, np.ndarray]) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}.npz")
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **data)
-        os.replace(tmp, file)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"could not cache reference statistics in {file}: {exc.strerror or exc}", stacklevel=2)
+        with atomic_write(file) as f:
+            np.savez(f, **data)
+    except FileWriteError as exc:
+        warnings.warn(f"could not cache reference statistics: {exc}", stacklevel=2)
 
 
 def reference_cache_file(cache_dir: Path, path: Path, weights: InceptionWeights) -> Path:

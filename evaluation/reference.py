@@ -25,7 +25,6 @@ from evaluation.batches import NpzWriter
 from evaluation.evaluator import (
     CLI_ERRORS,
     DEFAULT_CACHE_DIR,
-    EXIT_BAD_INPUT,
     EvaluationError,
     add_network_args,
     cache_reference,
@@ -33,15 +32,16 @@ from evaluation.evaluator import (
     extract_batch,
     open_extractor,
     reference_stats,
-    shard_range,
 )
 from evaluation.inception import InceptionExtractor
 from launch import dist
+from launch.exits import EXIT_BAD_INPUT
+from launch.images import center_crop
+from launch.shard import share_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_recursively
 DEFAULT_NUM_IMAGES = 10_000  # ADM's ImageNet reference batches hold 10k images in arr_0
 DEFAULT_SEED = 0
-BOX_FACTOR = 2  # halve while the short side is at least twice the target
 DECODE_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 EXAMPLES = """examples:
@@ -60,18 +60,6 @@ def list_images(folder: Path) -> list[Path]:
     if not files:
         raise EvaluationError(f"{folder} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
-
-
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM preprocessing -> uint8 [size, size, 3]."""
-    image = image.convert("RGB")
-    while min(image.size) >= BOX_FACTOR * size:
-        image = image.resize(tuple(s // BOX_FACTOR for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top: top + size, left: left + size]
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -109,7 +97,7 @@ def build_reference(folder: str | os.PathLike, image_size: int, out: str | os.Pa
     if len(files) < 2:
         raise EvaluationError(f"{folder} holds {len(files)} image; a reference needs at least 2")
     chunk_size = chunk_size or extractor.batch_size
-    start, stop = shard_range(len(files), dist.rank(), dist.world_size())
+    start, stop = share_bounds(len(files), dist.rank(), dist.world_size())
     subset = choose_subset(len(files), num_images, seed)
     writer = NpzWriter(out, len(subset), image_size, image_size) if dist.is_main() else None
     chosen = set(subset.tolist())

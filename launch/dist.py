@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from launch.exits import EXIT_FAILED
+
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 600.0
-# Exit code of a rank that failed with an exception (torchrun then stops the others).
-EXIT_FAILED = 1
 
 
 @dataclass(frozen=True)

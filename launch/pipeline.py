@@ -21,7 +21,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from launch.exits import EXIT_BAD_INPUT
+
 METRICS_SUFFIX = ".metrics.json"
 # torchrun's variables that make launch.dist join a process group; hidden while rank 0 evaluates alone.
 SINGLE_PROCESS_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
@@ -93,7 +94,7 @@ def evaluate_run(opts: argparse.Namespace, run_dir: Path) -> int:
     """Evaluate `<run>.npz` against --ref here; write `<run>.metrics.json`. Returns an exit code."""
     from evaluation import evaluator
     from launch import dist
-    from launch.rundir import write_json_atomic
+    from launch.files import write_json_atomic
 
     npz, out = Path(f"{run_dir}.npz"), metrics_path(run_dir)
     partial = out.with_name(f".{out.name}.tmp-{os.getpid()}")

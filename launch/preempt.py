@@ -9,7 +9,8 @@ from __future__ import annotations
 import signal
 import threading
 
-EXIT_PREEMPTED = 3
+from launch.exits import EXIT_PREEMPTED  # noqa: F401 - re-exported for the sampler
+
 STOP_SIGNALS = (signal.SIGUSR1,)
 
 _stop = threading.Event()

@@ -18,33 +18,41 @@ $DIT_INCEPTION_URL (the Inception file's URL), $HF_ENDPOINT (the hub). file:// U
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_NOT_FETCHED = 1  # at least one item could not be fetched or does not load
-EXIT_BAD_INPUT = 2
+from evaluation.inception import TORCH_FIDELITY_URL, TORCH_FIDELITY_WEIGHTS, InceptionWeightsError, resolve_weights
+from launch.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from launch.files import (
+    DownloadError,
+    FileWriteError,
+    download,
+    env_true,
+    file_sha256,
+    hf_hub_cache,
+    root_reason,
+    torch_hub_checkpoints,
+    write_json_atomic,
+)
+from models.checkpoints import (
+    OFFICIAL_CHECKPOINTS,
+    OFFICIAL_MODEL,
+    CheckpointError,
+    load_checkpoint,
+    official_base_url,
+    official_cache_path,
+)
+from models.vae import VAE_CONFIG, VAE_REPOS, VAE_WEIGHTS
+
+EXIT_NOT_FETCHED = EXIT_FAILED  # at least one item could not be fetched or does not load
 SUMS_NAME = "prefetch-sha256.json"
 INCEPTION_URL_ENV = "DIT_INCEPTION_URL"
-CONNECT_TIMEOUT_S = 10.0  # an unreachable host fails within this; no retries
-READ_TIMEOUT_S = 60.0
-COPY_CHUNK_BYTES = 1 << 22
-HASH_CHUNK_BYTES = 1 << 22
-REASON_CHARS = 160
-VAE_CONFIG = "config.json"
-VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
-_TRUE = {"1", "on", "yes", "true"}
 
 EXAMPLES = """examples:
   python -m launch.prefetch
@@ -58,59 +66,14 @@ class PrefetchError(Exception):
 
 
 def _model_choices() -> dict[str, int]:
-    from models.checkpoints import OFFICIAL_CHECKPOINTS, OFFICIAL_MODEL
-
     return {f"{OFFICIAL_MODEL}-{size}": size for size in OFFICIAL_CHECKPOINTS}  # "DiT-XL/2-256" -> 256
 
 
 def _vae_choices() -> dict[str, str]:
-    from models.vae import VAE_REPOS
-
     return dict(VAE_REPOS)
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def root_reason(exc: BaseException) -> str:
-    """`Type: message` of the innermost cause, on one short line (hub errors wrap the socket error)."""
-    seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        exc = inner
-    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
-        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:REASON_CHARS]
-
-
-def download_url(url: str, dest: Path) -> None:
-    """Stream `url` (http(s) or file) into `dest` through a temporary file and an atomic rename."""
-    with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response:
-        sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
-        if sock is not None:  # connected: a slow mirror may pause longer than the connect timeout
-            sock.settimeout(READ_TIMEOUT_S)
-        expected = int(response.headers.get("Content-Length") or -1)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(response, out, COPY_CHUNK_BYTES)
-            size = os.path.getsize(tmp)
-            if expected >= 0 and size != expected:
-                raise OSError(f"incomplete download: {size} of {expected} bytes")
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def hub_snapshot(repo: str, cache_dir: Path, allow_patterns: list[str], endpoint: str | None,
@@ -121,24 +84,6 @@ def hub_snapshot(repo: str, cache_dir: Path, allow_patterns: list[str], endpoint
 
     return Path(snapshot_download(repo, cache_dir=str(cache_dir), allow_patterns=allow_patterns,
                                   endpoint=endpoint, local_files_only=local_only, force_download=force))
-
-
-def hf_hub_cache() -> Path:
-    """The hub cache the sampler reads, from the environment now (huggingface_hub reads it at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def torch_checkpoint_dir() -> Path:
-    """torch hub's checkpoint folder ($TORCH_HOME/hub/checkpoints), read by the sampler and the evaluator."""
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 class SumsFile:
@@ -173,10 +118,7 @@ class SumsFile:
         for f in files:
             data[self.key(f)] = {"sha256": file_sha256(f), "bytes": f.stat().st_size, "source": source,
                                  "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{SUMS_NAME}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, dict(sorted(data.items())))
 
 
 # --------------------------------------------------------------------------------------------- items
@@ -204,9 +146,9 @@ class UrlItem:
 
     def fetch(self, force: bool = False) -> list[Path]:
         try:  # always a fresh download (atomic replace)
-            download_url(self.url, self.dest)
-        except (OSError, ValueError, urllib.error.URLError) as exc:
-            raise PrefetchError(f"cannot download {self.url} ({root_reason(exc)})") from None
+            download(self.url, self.dest)
+        except (DownloadError, FileWriteError) as exc:
+            raise PrefetchError(str(exc)) from None
         return [self.dest]
 
     def verify(self, files: list[Path]) -> None:
@@ -246,7 +188,7 @@ class HubItem:
         return self._files(snapshot)
 
     def fetch(self, force: bool = False) -> list[Path]:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        if env_true("HF_HUB_OFFLINE"):
             raise PrefetchError(f"HF_HUB_OFFLINE is set; unset it to download {self.repo}")
         endpoint = os.environ.get("HF_ENDPOINT") or None
         try:
@@ -276,8 +218,6 @@ class HubItem:
 
 
 def _verify_dit(path: Path) -> None:
-    from models.checkpoints import CheckpointError, load_checkpoint
-
     try:
         load_checkpoint(path)
     except CheckpointError as exc:
@@ -285,8 +225,6 @@ def _verify_dit(path: Path) -> None:
 
 
 def _verify_inception(path: Path) -> None:
-    from evaluation.inception import InceptionWeightsError, resolve_weights
-
     try:
         resolve_weights(path, allow_download=False)
     except InceptionWeightsError as exc:
@@ -294,9 +232,6 @@ def _verify_inception(path: Path) -> None:
 
 
 def build_items(models: list[str], vaes: list[str], inception: bool) -> list[UrlItem | HubItem]:
-    from evaluation.inception import TORCH_FIDELITY_URL, TORCH_FIDELITY_WEIGHTS
-    from models.checkpoints import OFFICIAL_CHECKPOINTS, official_base_url, official_cache_path
-
     sizes, repos = _model_choices(), _vae_choices()
     items: list[UrlItem | HubItem] = []
     for name in models:
@@ -306,7 +241,7 @@ def build_items(models: list[str], vaes: list[str], inception: bool) -> list[Url
     items += [HubItem(f"vae {v}", repos[v], hf_hub_cache()) for v in vaes]
     if inception:
         url = os.environ.get(INCEPTION_URL_ENV) or TORCH_FIDELITY_URL
-        dest = torch_checkpoint_dir() / TORCH_FIDELITY_WEIGHTS
+        dest = torch_hub_checkpoints() / TORCH_FIDELITY_WEIGHTS
         items.append(UrlItem("inception", url, dest, _verify_inception))
     return items
 
@@ -337,7 +272,7 @@ def prefetch_item(item: UrlItem | HubItem, dry_run: bool) -> str:
 
 def offline_env_lines() -> list[str]:
     """The shell lines that point the sampler and the evaluator at these caches, offline."""
-    torch_home = torch_checkpoint_dir().parent.parent  # <TORCH_HOME>/hub/checkpoints
+    torch_home = torch_hub_checkpoints().parent.parent  # <TORCH_HOME>/hub/checkpoints
     if os.environ.get("HF_HUB_CACHE"):
         hf_line = f"export HF_HUB_CACHE={Path(os.environ['HF_HUB_CACHE']).resolve()}"
     else:  # <HF_HOME>/hub

@@ -41,14 +41,6 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / MANIFEST_NAME
     if not path.exists():
@@ -115,9 +107,3 @@ def scan_missing(run_dir: Path, num_samples: int, world_size: int, rank: int,
     return missing
 
 
-def remove_stale_temps(run_dir: Path) -> int:
-    """Delete temporary files left by a killed writer; returns how many."""
-    stale = [p for p in run_dir.glob(".*.tmp-*")]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)

@@ -15,10 +15,15 @@ import torch
 LABEL_SAMPLING = ("random", "balanced")
 
 
+def share_bounds(n: int, part: int, parts: int) -> tuple[int, int]:
+    """[start, stop) of contiguous share `part` of `parts` over n items: floor(n/parts) or ceil(n/parts) each."""
+    return n * part // parts, n * (part + 1) // parts
+
+
 def split_evenly(items: Sequence[int], parts: int, part: int) -> Sequence[int]:
-    """Contiguous share `part` of `parts`: every share has floor(n/parts) or ceil(n/parts) items."""
-    n = len(items)
-    return items[(n * part) // parts: (n * (part + 1)) // parts]
+    """Contiguous share `part` of `parts` of `items` (the one even-split rule, `share_bounds`)."""
+    start, stop = share_bounds(len(items), part, parts)
+    return items[start:stop]
 
 
 def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:

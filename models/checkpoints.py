@@ -13,16 +13,13 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launch.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, DiT
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
@@ -31,9 +28,6 @@ OFFICIAL_CHECKPOINTS: dict[int, str] = {256: "DiT-XL-2-256x256.pt", 512: "DiT-XL
 OFFICIAL_MODEL = "DiT-XL/2"
 CUSTOM_MODEL = "custom"  # architecture read from a train.py checkpoint's config (any size)
 CUSTOM_ARCH_KEYS = ("depth", "hidden_size", "patch_size", "num_heads")
-CONNECT_TIMEOUT_S = 5.0  # fail fast when offline; no retry loop
-READ_TIMEOUT_S = 60.0  # per-read stall limit once connected
-DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 PREFETCH_HINT = "pass --ckpt PATH or run `python -m launch.prefetch` on a machine with internet"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
@@ -343,29 +337,8 @@ def official_cache_path(image_size: int, cache_dir: str | os.PathLike | None = N
             f"no official DiT checkpoint for --image-size {image_size} (available: "
             f"{', '.join(map(str, OFFICIAL_CHECKPOINTS))}); {PREFETCH_HINT}"
         )
-    base = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    base = Path(cache_dir) if cache_dir is not None else torch_hub_checkpoints()
     return base / OFFICIAL_CHECKPOINTS[image_size]
-
-
-def _download(url: str, dest: Path) -> None:
-    """Stream ``url`` to a temp file next to ``dest``, check its length, then rename (atomic)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as resp:
-        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
-        if sock is not None:  # connected: allow slower reads than the connect timeout
-            sock.settimeout(READ_TIMEOUT_S)
-        expected = int(resp.headers.get("Content-Length") or -1)
-        fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(resp, out, DOWNLOAD_CHUNK_BYTES)
-            size = os.path.getsize(tmp_name)
-            if expected >= 0 and size != expected:
-                raise OSError(f"incomplete download: {size} of {expected} bytes")
-            os.replace(tmp_name, dest)
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
 
 
 def official_checkpoint(image_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -378,8 +351,7 @@ def official_checkpoint(image_size: int, cache_dir: str | os.PathLike | None = N
         return path
     url = official_base_url() + OFFICIAL_CHECKPOINTS[image_size]
     try:
-        _download(url, path)
-    except (TimeoutError, OSError, urllib.error.URLError, ValueError) as e:
-        reason = e if isinstance(e, urllib.error.HTTPError) else (getattr(e, "reason", None) or e)
-        raise CheckpointError(f"cannot download {url} to {path} ({str(reason)[:100]}); {PREFETCH_HINT}") from None
+        download(url, path)
+    except (DownloadError, FileWriteError) as e:
+        raise CheckpointError(f"{e}; {PREFETCH_HINT}") from None
     return path

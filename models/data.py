@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from launch.files import atomic_write
+from launch.images import center_crop
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 DIGITS_SOURCE_SIZE = 8  # sklearn digits are 8x8
 DIGITS_MAX_VALUE = 16.0  # grey levels 0..16
@@ -178,8 +181,6 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
-        from evaluation.reference import center_crop
-
         index, flip = key
         path, label = self.samples[index]
         try:
@@ -245,9 +246,8 @@ def precompute_latents(
         "class_to_idx": dict(getattr(dataset, "class_to_idx", {})),
         **(extra or {}),
     }
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, out)
+    with atomic_write(out, fsync=True) as f:
+        torch.save(blob, f)
     return out
 
 

@@ -27,7 +27,9 @@ from torch import nn
 
 from diffusion import LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
+from launch.files import atomic_write
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
+from models.vae import CODEC_CHOICES, CODEC_NONE
 
 CUSTOM_MODEL = "custom"
 DEFAULT_EMA_DECAY = 0.9999  # DiT
@@ -42,7 +44,6 @@ SCHEDULES = ("linear", "cosine")
 WEIGHTINGS = ("none", "min_snr", "p2")
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 DATASETS = ("folder", "latents", "digits")
-VAES = ("ema", "mse", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_AUTO = "auto"
 RESUME_NONE = "none"
@@ -133,7 +134,7 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no file: one TrainError line per problem."""
     choices = dict(
         dataset=DATASETS,
-        vae=VAES,
+        vae=CODEC_CHOICES,
         prediction=PREDICTIONS,
         noise_schedule=SCHEDULES,
         loss_weighting=WEIGHTINGS,
@@ -147,7 +148,7 @@ def validate(cfg: TrainConfig) -> None:
             )
     if cfg.image_channels not in (1, 3):
         raise TrainError(f"--image-channels must be 1 or 3, got {cfg.image_channels}")
-    if cfg.image_channels != 3 and cfg.vae != "none":
+    if cfg.image_channels != 3 and cfg.vae != CODEC_NONE:
         raise TrainError("--image-channels 1 is for pixel-space models (--vae none); the VAE takes RGB")
     if cfg.dataset != "digits" and not cfg.data_path:
         raise TrainError(f"--dataset {cfg.dataset} needs --data-path")
@@ -358,12 +359,10 @@ def latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save to ``<path>.tmp``, then os.replace: a killed job never leaves a half file behind."""
+    """torch.save through `atomic_write` (fsync, rename): a killed job never leaves a half file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, fsync=True) as f:
+        torch.save(payload, f)
     return path
 
 

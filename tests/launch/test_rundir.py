@@ -8,6 +8,7 @@ from PIL import Image
 
 from evaluation.batches import png_is_valid
 from launch import rundir
+from launch.files import write_json_atomic
 
 
 def test_run_name_extends_the_official_name():
@@ -20,7 +21,7 @@ def test_run_name_extends_the_official_name():
 def test_prepare_refuses_another_identity_unless_overwrite(tmp_path):
     run = tmp_path / "run"
     assert rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=False) is None
-    rundir.write_json_atomic(run / rundir.MANIFEST_NAME, {"identity": {"cfg_scale": 1.5}})
+    write_json_atomic(run / rundir.MANIFEST_NAME, {"identity": {"cfg_scale": 1.5}})
     (run / "000000.png").write_bytes(b"x")
     assert rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=False)["identity"] == {"cfg_scale": 1.5}
     with pytest.raises(rundir.RunDirError, match="cfg_scale 1.5 -> 4.0.*--overwrite"):
