@@ -23,20 +23,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.exits import EXIT_BAD_INPUT
-from launch.files import file_sha256, remove_stale_temps, write_json_atomic
-from models.vae import CODEC_CHOICES
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from diffusion import DEFAULT_DIFFUSION_STEPS, create_diffusion
+from diffusion.guidance import CHANNEL_MODES, guided_model
+from diffusion.rng import MAX_GLOBAL_SEED, SampleNoise, sample_seed
+from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid
+from launch import dist, preempt, rundir, shard
+from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
+from launch.files import FileWriteError, atomic_write, available_cpus, file_sha256, remove_stale_temps
+from models.checkpoints import CheckpointError, build_model, official_checkpoint
+from models.dit import DiT_models
+from models.vae import CODEC_CHOICES, CODEC_NONE, CodecError, load_codec
 
 SAMPLERS = ("ddpm", "ddim")
-GUIDANCE_CHANNELS = ("first3", "all")
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes; reduce-overhead = CUDA graphs
 OFFICIAL_MODEL = "DiT-XL/2"
 CUSTOM_MODEL = "custom"
 OFFICIAL_SIZES = (256, 512)
 OFFICIAL_NUM_CLASSES = 1000
 GRID_SIZE = 64
 SD_VAE_DOWNSAMPLE = 8  # sd-vae-ft latents are 1/8 of the image (a --vae-path VAE is checked when loaded)
+# One PNG per image in one folder, every label in the manifest, and a resume scan that opens every file:
+# beyond this a run is better split over --global-seed values (and planning it would take minutes).
+MAX_NUM_SAMPLES = 10_000_000
 VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
+SEED_RULE = "seed_i = global_seed * 2**32 + i"
 
 EXAMPLES = """examples:
   torchrun --nproc_per_node=8 sample_ddp.py --cfg-scale 1.5
@@ -51,6 +67,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class SampleConfig:
+    """Every option of the sampler, with the official script's defaults (the parser reads them from here)."""
+
     model: str = OFFICIAL_MODEL
     vae: str = "ema"
     vae_path: str | None = None
@@ -72,6 +90,7 @@ class SampleConfig:
     label_sampling: str = "random"
     precision: str = "fp32"
     compile: bool = False
+    compile_mode: str = "default"
     dist_timeout: float = 600.0
     overwrite: bool = False
     pack_only: bool = False
@@ -80,10 +99,8 @@ class SampleConfig:
 
     @property
     def run_name(self) -> str:
-        from launch.rundir import run_name
-
-        return run_name(self.model, self.ckpt, self.image_size, self.vae, self.cfg_scale, self.global_seed,
-                        self.sampler, self.num_sampling_steps)
+        return rundir.run_name(self.model, self.ckpt, self.image_size, self.vae, self.cfg_scale, self.global_seed,
+                               self.sampler, self.num_sampling_steps)
 
     @property
     def run_dir(self) -> Path:
@@ -104,42 +121,44 @@ class SampleConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.dit import DiT_models
-
+    d = SampleConfig()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36))
     add = p.add_argument
-    add("--model", choices=[*DiT_models, CUSTOM_MODEL], default=OFFICIAL_MODEL,
+    add("--model", choices=[*DiT_models, CUSTOM_MODEL], default=d.model,
         help=f"DiT configuration; {CUSTOM_MODEL}: the architecture stored in a train.py checkpoint")
-    add("--vae", choices=CODEC_CHOICES, default="ema", help="sd-vae-ft decoder; none for pixel-space models")
-    add("--vae-path", default=None, help="local diffusers AutoencoderKL folder (instead of the hub)")
-    add("--sample-dir", default="samples", help="parent folder of the run folder and the .npz")
-    add("--per-proc-batch-size", type=int, default=32, help="images per process per forward pass")
-    add("--num-fid-samples", type=int, default=50_000, help="exactly this many images in total")
-    add("--image-size", type=int, default=256, help="image side in pixels")
-    add("--num-classes", type=int, default=OFFICIAL_NUM_CLASSES, help="classes; the null label is this index")
-    add("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    add("--num-sampling-steps", type=int, default=250, help="sampler steps (respaced from 1000)")
-    add("--global-seed", type=int, default=0, help="seed of sample i is global_seed * 2**32 + i")
-    add("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")
-    add("--ckpt", default=None, help="DiT checkpoint (.pt/.safetensors); default: official DiT-XL/2 download")
+    add("--vae", choices=CODEC_CHOICES, default=d.vae, help="sd-vae-ft decoder; none for pixel-space models")
+    add("--vae-path", default=d.vae_path, help="local diffusers AutoencoderKL folder (instead of the hub)")
+    add("--sample-dir", default=d.sample_dir, help="parent folder of the run folder and the .npz")
+    add("--per-proc-batch-size", type=int, default=d.per_proc_batch_size, help="images per process per forward pass")
+    add("--num-fid-samples", type=int, default=d.num_fid_samples, help="exactly this many images in total")
+    add("--image-size", type=int, default=d.image_size, help="image side in pixels")
+    add("--num-classes", type=int, default=d.num_classes, help="classes; the null label is this index")
+    add("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale (1 = off)")
+    add("--num-sampling-steps", type=int, default=d.num_sampling_steps, help="sampler steps (respaced from 1000)")
+    add("--global-seed", type=int, default=d.global_seed, help="seed of sample i is global_seed * 2**32 + i")
+    add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
+    add("--ckpt", default=d.ckpt, help="DiT checkpoint (.pt/.safetensors); default: official DiT-XL/2 download")
     add("--allow-pickle", action="store_true", help="load checkpoints that need full unpickling (trusted only)")
-    add("--sampler", choices=SAMPLERS, default="ddpm", help="ancestral DDPM or deterministic DDIM")
-    add("--ddim-eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    add("--guidance-channels", choices=GUIDANCE_CHANNELS, default="first3",
+    add("--sampler", choices=SAMPLERS, default=d.sampler, help="ancestral DDPM or deterministic DDIM")
+    add("--ddim-eta", type=float, default=d.ddim_eta, help="DDIM eta (0 = deterministic)")
+    add("--guidance-channels", choices=CHANNEL_MODES, default=d.guidance_channels,
         help="first3 reproduces the DiT paper; all is the standard form")
-    add("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+    add("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=d.guidance_interval,
         help="apply guidance only for training timesteps LOW <= t <= HIGH")
-    add("--label-sampling", choices=("random", "balanced"), default="random",
+    add("--label-sampling", choices=shard.LABEL_SAMPLING, default=d.label_sampling,
         help="balanced: every class N/C times (as even as possible)")
-    add("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast for the model")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--dist-timeout", type=float, default=600.0, help="seconds before a hung collective ends the job")
-    add("--overwrite", action="store_true", help="replace a run folder made with another configuration")
+    add("--precision", choices=PRECISIONS, default=d.precision, help="bf16 autocast for the model")
+    add("--compile", action="store_true", help="torch.compile the model (the last batch is padded: one shape)")
+    add("--compile-mode", choices=COMPILE_MODES, default=d.compile_mode,
+        help="torch.compile mode with --compile; reduce-overhead uses CUDA graphs")
+    add("--dist-timeout", type=float, default=d.dist_timeout, help="seconds before a hung collective ends the job")
+    add("--overwrite", action="store_true",
+        help="replace a run folder made with another configuration (the same configuration always resumes)")
     add("--pack-only", action="store_true", help="only pack an existing run folder into the .npz")
     add("--no-npz", action="store_true", help="write PNGs only, no .npz")
-    add("--png-workers", type=int, default=4, help="background PNG encoding threads per process")
+    add("--png-workers", type=int, default=d.png_workers, help="background PNG encoding threads per process")
     return p
 
 
@@ -153,34 +172,31 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     return cfg
 
 
+def _positive(cfg: SampleConfig) -> None:
+    for flag, value in (("--num-fid-samples", cfg.num_fid_samples), ("--per-proc-batch-size", cfg.per_proc_batch_size),
+                        ("--num-classes", cfg.num_classes), ("--num-sampling-steps", cfg.num_sampling_steps),
+                        ("--png-workers", cfg.png_workers), ("--dist-timeout", cfg.dist_timeout)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+
+
 def validate(cfg: SampleConfig) -> None:
     """Every check that needs no file or model: one line per problem, before any work."""
-    from diffusion.rng import MAX_GLOBAL_SEED
-    from models.dit import DiT_models
-
     if cfg.model not in DiT_models and cfg.model != CUSTOM_MODEL:
         raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)} or {CUSTOM_MODEL}")
     if cfg.cfg_scale < 1.0:
         raise ConfigError(f"--cfg-scale must be >= 1 (1 disables guidance), got {cfg.cfg_scale}")
-    if cfg.num_fid_samples <= 0:
-        raise ConfigError(f"--num-fid-samples must be positive, got {cfg.num_fid_samples}")
-    if cfg.per_proc_batch_size <= 0:
-        raise ConfigError(f"--per-proc-batch-size must be positive, got {cfg.per_proc_batch_size}")
-    if cfg.num_classes <= 0:
-        raise ConfigError(f"--num-classes must be positive, got {cfg.num_classes}")
-    if cfg.num_sampling_steps <= 0:
-        raise ConfigError(f"--num-sampling-steps must be positive, got {cfg.num_sampling_steps}")
+    _positive(cfg)
+    if cfg.num_fid_samples > MAX_NUM_SAMPLES:
+        raise ConfigError(f"--num-fid-samples {cfg.num_fid_samples} is more than one run folder holds (at most "
+                          f"{MAX_NUM_SAMPLES:,}); split it into runs with different --global-seed values")
     if not 0 <= cfg.global_seed <= MAX_GLOBAL_SEED:
         raise ConfigError(f"--global-seed must be in [0, {MAX_GLOBAL_SEED}], got {cfg.global_seed}")
-    if cfg.png_workers <= 0:
-        raise ConfigError(f"--png-workers must be positive, got {cfg.png_workers}")
-    if cfg.dist_timeout <= 0:
-        raise ConfigError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
     if cfg.ddim_eta < 0:
         raise ConfigError(f"--ddim-eta must be >= 0, got {cfg.ddim_eta}")
     if cfg.guidance_interval is not None and cfg.guidance_interval[0] > cfg.guidance_interval[1]:
         raise ConfigError(f"--guidance-interval LOW HIGH needs LOW <= HIGH, got {cfg.guidance_interval}")
-    downsample = 1 if cfg.vae == "none" else SD_VAE_DOWNSAMPLE
+    downsample = 1 if cfg.vae == CODEC_NONE else SD_VAE_DOWNSAMPLE
     patch = 1 if cfg.model == CUSTOM_MODEL else int(cfg.model.rsplit("/", 1)[1])  # "DiT-XL/2" -> 2
     if cfg.image_size <= 0 or cfg.image_size % (downsample * patch):
         raise ConfigError(f"--image-size {cfg.image_size} does not fit {cfg.model}: it must be a multiple of "
@@ -192,7 +208,7 @@ def validate(cfg: SampleConfig) -> None:
         if cfg.num_classes != OFFICIAL_NUM_CLASSES:
             raise ConfigError(f"the official DiT-XL/2 has {OFFICIAL_NUM_CLASSES} classes but --num-classes is "
                               f"{cfg.num_classes}; pass --ckpt for another model")
-        if cfg.vae == "none":
+        if cfg.vae == CODEC_NONE:
             raise ConfigError("the official DiT-XL/2 is a latent model; use --vae ema or mse")
     if cfg.ckpt is not None and not cfg.pack_only and not Path(cfg.ckpt).is_file():
         raise ConfigError(f"--ckpt {cfg.ckpt} does not exist")
@@ -206,170 +222,68 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _autocast(cfg: SampleConfig, device):  # noqa: ANN001, ANN202
-    import torch
-
+def _autocast(cfg: SampleConfig, device: torch.device) -> contextlib.AbstractContextManager:
     if cfg.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def load_network(cfg: SampleConfig, device):  # noqa: ANN001, ANN201
-    """Model and codec on `device`; rank 0 downloads first, the others then read the cache."""
-    from launch import dist
-    from models.checkpoints import build_model, official_checkpoint
-    from models.vae import load_codec
+# --------------------------------------------------------------------------------------------- network
 
-    ckpt = cfg.ckpt or str(dist.rank0_first(lambda: official_checkpoint(cfg.image_size)))
-    codec = dist.rank0_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=device))
+
+def load_network(cfg: SampleConfig, device: torch.device) -> tuple[torch.nn.Module, object, str, dict]:
+    """Model and codec on `device`; on each node one process downloads first, the others then read the cache."""
+    ckpt = cfg.ckpt or str(dist.node_first(lambda: official_checkpoint(cfg.image_size), f"dit-{cfg.image_size}"))
+    codec = dist.node_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=device), f"vae-{cfg.vae}")
     if cfg.image_size % codec.downsample:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's factor {codec.downsample}")
     model, meta = build_model(cfg.model, ckpt, cfg.image_size // codec.downsample, cfg.num_classes,
                               allow_pickle=cfg.allow_pickle)
-    if cfg.vae == "none":
-        codec = load_codec("none", device=device, image_channels=model.in_channels)
+    if cfg.vae == CODEC_NONE:
+        codec = load_codec(CODEC_NONE, device=device, image_channels=model.in_channels)
     if model.in_channels != codec.latent_channels:
         raise ConfigError(f"checkpoint {ckpt} has {model.in_channels} input channels but --vae {cfg.vae} gives "
                           f"{codec.latent_channels}; use --vae none for pixel-space models")
+    _check_class_map(meta, cfg)
     model = model.to(device).eval().requires_grad_(False)
     if cfg.compile:
         model = _compiled(model, cfg, device)
     return model, codec, ckpt, meta
 
 
-def _compiled(model, cfg: SampleConfig, device):  # noqa: ANN001, ANN202
-    """torch.compile(model), tried once on the real batch shape; the eager model if compiling fails."""
-    import torch
+def _forward_shapes(cfg: SampleConfig) -> list[int]:
+    """The batch sizes the model sees: 2B when guided (batch doubled inside), B where guidance is off."""
+    guided = cfg.cfg_scale > 1
+    shapes = [2 * cfg.per_proc_batch_size] if guided else [cfg.per_proc_batch_size]
+    if guided and cfg.guidance_interval is not None:
+        shapes.append(cfg.per_proc_batch_size)  # outside the interval: the plain conditional call
+    return shapes
 
-    from launch import dist
 
-    compiled = torch.compile(model)
-    batch = cfg.per_proc_batch_size * (2 if cfg.cfg_scale > 1 else 1)
-    x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
-    t = torch.zeros(batch, dtype=torch.long, device=device)
+def _compiled(model: torch.nn.Module, cfg: SampleConfig, device: torch.device) -> torch.nn.Module:
+    """torch.compile(model) warmed up on every batch shape it will see; the eager model if compiling fails.
+
+    Every batch is padded to --per-proc-batch-size, so these shapes are the only ones: no recompile.
+    """
+    compiled = torch.compile(model, mode=cfg.compile_mode)
+    start = time.perf_counter()
     try:
-        with _autocast(cfg, device):
-            compiled(x, t, t)
+        for batch in _forward_shapes(cfg):
+            x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
+            t = torch.zeros(batch, dtype=torch.long, device=device)
+            with _autocast(cfg, device):
+                compiled(x, t, t)
     except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler on the node: sampling still works eagerly
         dist.print0(f"warning: --compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                     "sampling without it")
         return model
+    dist.print0(f"compiled the model (mode {cfg.compile_mode}, batch shapes {_forward_shapes(cfg)}) in "
+                f"{time.perf_counter() - start:.1f} s")
     return compiled
-
-
-def _dist_setup(cfg: SampleConfig):  # noqa: ANN202
-    import torch
-
-    from launch import dist, preempt
-
-    info = dist.init(cfg.dist_timeout)
-    dist.install_fail_fast()
-    preempt.install()
-    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
-    torch.set_grad_enabled(False)
-    return info
-
-
-def run(cfg: SampleConfig) -> int:
-    """Sample every missing image of the run, then pack the `.npz` on rank 0. Returns an exit code."""
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from diffusion import create_diffusion
-    from diffusion.guidance import guided_model
-    from diffusion.rng import SampleNoise, sample_seed
-    from evaluation.batches import PngWriter, index_filename, png_is_valid
-    from launch import dist, preempt, rundir, shard
-
-    info = _dist_setup(cfg)
-    if cfg.pack_only:
-        return pack(cfg) if info.is_main else 0
-
-    N = cfg.num_fid_samples
-    ckpt_sha = dist.main_only(lambda: file_sha256(Path(cfg.ckpt)) if cfg.ckpt else None)
-    identity = cfg.identity(ckpt_sha)
-    labels = shard.plan_labels(N, cfg.num_classes, cfg.global_seed, cfg.label_sampling, sample_seed)
-
-    def prepare_folder() -> dict:
-        previous = rundir.prepare(cfg.run_dir, identity, cfg.overwrite)
-        remove_stale_temps(cfg.run_dir)
-        manifest = previous or {"version": rundir.MANIFEST_VERSION, "identity": identity,
-                                "config": dataclasses.asdict(cfg), "seed_formula": "seed_i = global_seed * 2**32 + i",
-                                "label_rule": shard.plan_labels.__doc__.split("\n\n")[1].strip(),
-                                "labels": labels.tolist(), "sessions": []}
-        manifest["versions"] = package_versions()
-        manifest["sessions"].append({"started": rundir.now(), "world_size": info.world_size,
-                                     "per_proc_batch_size": cfg.per_proc_batch_size, "device": info.device.type})
-        write_json_atomic(cfg.run_dir / rundir.MANIFEST_NAME, manifest)
-        return manifest
-
-    model, codec, _, meta = load_network(cfg, info.device)  # validates the checkpoint before any file is written
-    _check_class_map(meta, cfg)
-    dist.main_only(prepare_folder)
-
-    filename = lambda i: index_filename(i, N)  # noqa: E731
-    local_missing = rundir.scan_missing(cfg.run_dir, N, info.world_size, info.rank, filename, png_is_valid)
-    missing = sorted(i for part in dist.all_gather_object(local_missing) for i in part)
-    dist.print0(f"{cfg.run_dir}: {N - len(missing)} of {N} images present, {len(missing)} to sample "
-                f"on {info.world_size} process(es)")
-
-    diffusion = create_diffusion(str(cfg.num_sampling_steps) if cfg.sampler == "ddpm"
-                                 else f"ddim{cfg.num_sampling_steps}", learn_sigma=model.learn_sigma,
-                                 **_trained_objective(meta))
-    model_fn = guided_model(model, cfg.cfg_scale, cfg.num_classes, cfg.guidance_channels, cfg.guidance_interval)
-    latent_shape = (model.in_channels, model.input_size, model.input_size)
-    writer = PngWriter(workers=cfg.png_workers)
-    bar = tqdm(total=N, initial=N - len(missing), unit="img", disable=not info.is_main, dynamic_ncols=True,
-               desc="sampling")
-    stopped = False
-    try:
-        for batch in shard.rank_batches(missing, info.world_size, info.rank, cfg.per_proc_batch_size):
-            if batch:
-                noise = SampleNoise([sample_seed(cfg.global_seed, i) for i in batch])
-                noise.randint(cfg.num_classes)  # the label draw; keeps every stream's layout fixed
-                z = noise.randn(latent_shape, info.device)
-                y = torch.as_tensor(labels[batch], device=info.device)
-                with _autocast(cfg, info.device):
-                    x0 = _sample(diffusion, model_fn, z, y, noise, cfg)
-                images = codec.decode(x0.float()).numpy()
-                for i, image in zip(batch, images):
-                    writer.submit(cfg.run_dir / filename(i), image)
-            done, stop = dist.all_reduce_counts([len(batch), float(preempt.requested())])
-            bar.update(int(done))
-            if stop:
-                stopped = True
-                break
-        writer.close()
-    finally:
-        bar.close()
-    if stopped:
-        dist.barrier()  # every rank's in-flight PNGs are on disk before any rank exits (torchrun stops the rest)
-        dist.print0("preemption signal received: in-flight PNGs written; rerun the same command to resume")
-        dist.shutdown()
-        return preempt.EXIT_PREEMPTED
-    dist.barrier()  # everyone's PNGs are on disk; rank 0 packs alone, with no collective pending
-    dist.shutdown()
-    if not info.is_main:
-        return 0
-    _finish_manifest(cfg)
-    _write_grid(cfg, np)
-    return 0 if cfg.no_npz else pack(cfg)
-
-
-def _sample(diffusion, model_fn, z, y, noise, cfg: SampleConfig):  # noqa: ANN001, ANN202
-    clip = cfg.vae == "none"  # pixel-space x0 lives in [-1, 1]; latents are not clipped (as DiT)
-    kwargs = dict(noise=z, clip_denoised=clip, model_kwargs={"y": y}, device=z.device, noise_fn=noise)
-    if cfg.sampler == "ddim":
-        return diffusion.ddim_sample_loop(model_fn, z.shape, eta=cfg.ddim_eta, **kwargs)
-    return diffusion.p_sample_loop(model_fn, z.shape, **kwargs)
 
 
 def _trained_objective(meta: dict) -> dict:
     """The diffusion a train.py checkpoint was trained with (official checkpoints: DiT's defaults)."""
-    from diffusion import DEFAULT_DIFFUSION_STEPS
-
     config = meta.get("config") or {}
     return {"predict_v": config.get("prediction") == "v",
             "noise_schedule": config.get("noise_schedule", "linear"),
@@ -383,21 +297,148 @@ def _check_class_map(meta: dict, cfg: SampleConfig) -> None:
                           f"but --num-classes is {cfg.num_classes}")
 
 
-def _finish_manifest(cfg: SampleConfig) -> None:
-    from launch import rundir
-
-    manifest = rundir.read_manifest(cfg.run_dir) or {}
-    if manifest.get("sessions"):
-        manifest["sessions"][-1]["finished"] = rundir.now()
-    write_json_atomic(cfg.run_dir / rundir.MANIFEST_NAME, manifest)
+# --------------------------------------------------------------------------------------------- run folder
 
 
-def _write_grid(cfg: SampleConfig, np) -> None:  # noqa: ANN001
-    from PIL import Image
+def _dist_setup(cfg: SampleConfig) -> dist.DistInfo:
+    info = dist.init(cfg.dist_timeout)
+    dist.install_fail_fast()
+    preempt.install()
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.set_grad_enabled(False)
+    return info
 
-    from evaluation.batches import index_filename
-    from launch import rundir
 
+def open_run(cfg: SampleConfig, info: dist.DistInfo, labels: np.ndarray, lock: rundir.RunLock) -> None:
+    """Rank 0: lock the run folder, check or create it, and start this session in its manifest."""
+    identity = cfg.identity(file_sha256(cfg.ckpt) if cfg.ckpt else None)
+    manifest = rundir.prepare(cfg.run_dir, identity, cfg.overwrite, lock)
+    remove_stale_temps(cfg.run_dir)
+    dist.clear_reports(cfg.run_dir)
+    if manifest is None:
+        manifest = rundir.Manifest(cfg.run_dir, {
+            "version": rundir.MANIFEST_VERSION, "identity": identity, "config": dataclasses.asdict(cfg),
+            "seed_formula": SEED_RULE, "label_rule": shard.LABEL_RULES[cfg.label_sampling],
+            "labels": labels.tolist(), "sessions": []})
+    manifest.data["versions"] = package_versions()
+    manifest.start_session(world_size=info.world_size, per_proc_batch_size=cfg.per_proc_batch_size,
+                           device=info.device.type)
+
+
+def _png_checker(cfg: SampleConfig):  # noqa: ANN202 - a predicate over paths
+    """A resume-scan predicate: the PNG decodes completely and is an RGB image of --image-size."""
+    size = (cfg.image_size, cfg.image_size)
+
+    def valid(path: Path) -> bool:
+        try:
+            with Image.open(path) as im:
+                if im.size != size or im.mode != "RGB":
+                    return False
+        except (OSError, SyntaxError, ValueError):
+            return False
+        return png_is_valid(path)
+
+    return valid
+
+
+def find_missing(cfg: SampleConfig, info: dist.DistInfo) -> list[int]:
+    """Every index whose PNG is absent, truncated or of the wrong size, over all ranks (sorted)."""
+    N = cfg.num_fid_samples
+    local = rundir.scan_missing(cfg.run_dir, N, info.world_size, info.rank, lambda i: index_filename(i, N),
+                                _png_checker(cfg))
+    missing = sorted(i for part in dist.all_gather_object(local) for i in part)
+    dist.print0(f"{cfg.run_dir}: {N - len(missing)} of {N} images present, {len(missing)} to sample "
+                f"on {info.world_size} process(es)")
+    return missing
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def _padded(batch: list[int], size: int) -> list[int]:
+    """`batch` padded to `size` with copies of its first index (their images are discarded): one shape."""
+    return batch + [batch[0]] * (size - len(batch))
+
+
+def _sample(diffusion, model_fn, z, y, noise, cfg: SampleConfig):  # noqa: ANN001, ANN202
+    clip = cfg.vae == CODEC_NONE  # pixel-space x0 lives in [-1, 1]; latents are not clipped (as DiT)
+    kwargs = dict(noise=z, clip_denoised=clip, model_kwargs={"y": y}, device=z.device, noise_fn=noise)
+    if cfg.sampler == "ddim":
+        return diffusion.ddim_sample_loop(model_fn, z.shape, eta=cfg.ddim_eta, **kwargs)
+    return diffusion.p_sample_loop(model_fn, z.shape, **kwargs)
+
+
+def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, labels: np.ndarray,
+                   missing: list[int], lock: rundir.RunLock) -> bool:
+    """Sample this rank's share of `missing` and write the PNGs; returns True when stopped by a signal."""
+    model, codec, meta = network
+    N = cfg.num_fid_samples
+    diffusion = create_diffusion(str(cfg.num_sampling_steps) if cfg.sampler == "ddpm"
+                                 else f"ddim{cfg.num_sampling_steps}", learn_sigma=model.learn_sigma,
+                                 **_trained_objective(meta))
+    model_fn = guided_model(model, cfg.cfg_scale, cfg.num_classes, cfg.guidance_channels, cfg.guidance_interval)
+    latent_shape = (model.in_channels, model.input_size, model.input_size)
+    writer = PngWriter(workers=cfg.png_workers)
+    bar = tqdm(total=N, initial=N - len(missing), unit="img", disable=not info.is_main, dynamic_ncols=True,
+               desc="sampling")
+    try:
+        for batch in shard.rank_batches(missing, info.world_size, info.rank, cfg.per_proc_batch_size):
+            if batch:
+                rows = _padded(batch, cfg.per_proc_batch_size)
+                noise = SampleNoise([sample_seed(cfg.global_seed, i) for i in rows])
+                noise.randint(cfg.num_classes)  # the label draw; keeps every stream's layout fixed
+                z = noise.randn(latent_shape, info.device)
+                y = torch.as_tensor(labels[rows], device=info.device)
+                with _autocast(cfg, info.device):
+                    x0 = _sample(diffusion, model_fn, z, y, noise, cfg)
+                images = codec.decode(x0.float()).numpy()
+                for i, image in zip(batch, images):
+                    writer.submit(cfg.run_dir / index_filename(i, N), image)
+            lock.refresh()
+            dist.heartbeat()
+            done, stop = dist.all_reduce_counts([len(batch), float(preempt.requested())])
+            bar.update(int(done))
+            if stop:
+                return True
+        return False
+    finally:
+        writer.close()
+        bar.close()
+
+
+def run(cfg: SampleConfig) -> int:
+    """Sample every missing image of the run, then pack the `.npz` on rank 0. Returns an exit code."""
+    info = _dist_setup(cfg)
+    if cfg.pack_only:
+        return pack(cfg) if info.is_main else EXIT_OK
+    labels = shard.plan_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling,
+                               sample_seed)
+    model, codec, _, meta = load_network(cfg, info.device)  # validates the checkpoint before any file is written
+    lock = rundir.RunLock(cfg.run_dir)
+    try:
+        dist.main_only(lambda: open_run(cfg, info, labels, lock))
+        dist.report_failures_in(cfg.run_dir)  # a rank that fails leaves its line here for the others
+        missing = find_missing(cfg, info)
+        stopped = sample_missing(cfg, info, (model, codec, meta), labels, missing, lock)
+        dist.barrier()  # every rank's PNGs are on disk; rank 0 packs alone, with no collective pending
+        dist.shutdown()
+        if info.is_main:
+            dist.clear_reports(cfg.run_dir)
+        if stopped:
+            dist.print0("preemption signal received: in-flight PNGs written; rerun the same command to resume")
+            return EXIT_PREEMPTED
+        if not info.is_main:
+            return EXIT_OK
+        rundir.Manifest.read(cfg.run_dir).finish_session()
+        write_grid(cfg)
+        return EXIT_OK if cfg.no_npz else pack(cfg)
+    finally:
+        lock.release()
+
+
+def write_grid(cfg: SampleConfig) -> None:
+    """`grid.png`: the first 64 images side by side."""
     n = min(GRID_SIZE, cfg.num_fid_samples)
     images = [np.asarray(Image.open(cfg.run_dir / index_filename(i, cfg.num_fid_samples)).convert("RGB"))
               for i in range(n)]
@@ -408,51 +449,60 @@ def _write_grid(cfg: SampleConfig, np) -> None:  # noqa: ANN001
     for k, image in enumerate(images):
         r, c = divmod(k, side)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-    Image.fromarray(grid).save(cfg.run_dir / rundir.GRID_NAME)
+    with atomic_write(cfg.run_dir / rundir.GRID_NAME) as f:
+        Image.fromarray(grid).save(f, format="PNG")
 
 
 def pack(cfg: SampleConfig) -> int:
     """Stream the run folder's PNGs into `<run>.npz` (arr_0 images, arr_1 labels); rank 0 only."""
-    import numpy as np
-
-    from evaluation.batches import pack_folder
-    from launch import rundir
-
-    manifest = rundir.read_manifest(cfg.run_dir)
+    manifest = rundir.Manifest.read(cfg.run_dir)
     if manifest is None:
         raise ConfigError(f"{cfg.run_dir} has no {rundir.MANIFEST_NAME}; nothing to pack (run the sampler first)")
-    n = manifest["identity"]["num_fid_samples"]
+    n = manifest.identity["num_fid_samples"]
+    if cfg.num_fid_samples != n:
+        raise ConfigError(f"--num-fid-samples {cfg.num_fid_samples} but {cfg.run_dir} was sampled with {n}; "
+                          f"drop the flag or pass --num-fid-samples {n}")
     out = Path(f"{cfg.run_dir}.npz")  # the run name holds dots ("cfg-1.5"): no with_suffix
     start = time.time()
-    pack_folder(cfg.run_dir, out, n, labels=np.asarray(manifest["labels"], dtype=np.int64),
-                workers=max(2, os.cpu_count() or 2))
+    pack_folder(cfg.run_dir, out, n, labels=np.asarray(manifest.data["labels"], dtype=np.int64),
+                workers=max(2, available_cpus()))
     print(f"Saved .npz file to {out} [shape=({n}, {cfg.image_size}, {cfg.image_size}, 3)] "
           f"in {time.time() - start:.1f}s", flush=True)
-    return 0
+    return EXIT_OK
+
+
+BAD_INPUT_ERRORS = (ConfigError, CheckpointError, CodecError, rundir.RunDirError, BatchError, FileWriteError,
+                    dist.DistConfigError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from evaluation.batches import BatchError
-    from launch import dist
-    from launch.rundir import RunDirError
-    from models.checkpoints import CheckpointError
-    from models.vae import CodecError
-
     try:
         cfg = config_from_args(args)
         return run(cfg)
-    except (ConfigError, CheckpointError, CodecError, RunDirError, BatchError) as exc:
-        # Configuration errors are the same on every rank: rank 0 says it once. A write error
-        # (e.g. disk full) is this rank's own: it says it, with its rank.
-        if dist.is_main():
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        elif isinstance(exc, BatchError):
-            print(f"error: [rank {dist.rank()}] {exc}", file=sys.stderr, flush=True)
-        # Leave at once: another rank may be waiting in a collective that will never come.
-        sys.stdout.flush()
-        os._exit(EXIT_BAD_INPUT)
+    except BAD_INPUT_ERRORS as exc:
+        exit_bad_input(exc)
+
+
+def exit_bad_input(exc: Exception) -> None:
+    """One line, exit 2, at once: another rank may be waiting in a collective that will never come.
+
+    Configuration errors are the same on every rank: rank 0 says it once. A write error (e.g. disk full) is
+    this rank's own: it says it, with its rank, and leaves the line for the other ranks to repeat last.
+    """
+    line = f"error: {exc}"
+    if isinstance(exc, (BatchError, FileWriteError)) and dist.world_size() > 1:
+        line = f"error: [rank {dist.rank()}] {exc}"
+        dist.record_failure(line)
+        print(line, file=sys.stderr, flush=True)
+    elif dist.is_main():
+        print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: a process-group thread destroyed late can abort a finished rank

@@ -6,12 +6,18 @@ Works the same under torchrun (NCCL on CUDA, gloo on CPU) and as a plain `python
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import hashlib
 import os
 import sys
+import tempfile
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -22,6 +28,13 @@ from launch.exits import EXIT_FAILED
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 600.0
+FAILED_SUFFIX = ".failed"  # <report dir>/.rank-<r>.failed: a rank's one-line reason, for the other ranks
+ALIVE_SUFFIX = ".alive"  # <report dir>/.rank-<r>.alive: touched at every heartbeat
+FAILURE_WAIT_S = 2.0  # a survivor waits this long for the failing rank's reason to appear
+
+
+class DistConfigError(Exception):
+    """The job's layout cannot work (e.g. more processes than GPUs on a node); the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +51,13 @@ class DistInfo:
 
 
 _info: DistInfo | None = None
+_last: DistInfo | None = None  # the layout before shutdown(), for `alone()`
+_report_dir: Path | None = None
 
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistInfo:
@@ -55,7 +66,7 @@ def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistIn
     `timeout_s` bounds every collective, so a hung rank ends the job instead of blocking it.
     `use_cuda=None` picks CUDA when a GPU is visible.
     """
-    global _info
+    global _info, _last
     if _info is not None:
         return _info
     rank = _env_int("RANK", 0)
@@ -65,7 +76,11 @@ def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistIn
     if use_cuda is None:
         use_cuda = torch.cuda.is_available()
     if use_cuda:
-        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        visible = torch.cuda.device_count()
+        if local_world > visible:
+            raise DistConfigError(f"{local_world} processes on this node but {visible} GPU(s) visible; start "
+                                  f"torchrun --nproc_per_node={visible} (or fewer), or check CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -78,7 +93,7 @@ def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistIn
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
         rank, world = dist.get_rank(), dist.get_world_size()
-    _info = DistInfo(rank, world, local_rank, local_world, device)
+    _info = _last = DistInfo(rank, world, local_rank, local_world, device)
     return _info
 
 
@@ -177,6 +192,26 @@ def _on_main_then_tell(fn: Callable[[], T], share_result: bool) -> tuple[bool, T
     return False, value
 
 
+def node_first(fn: Callable[[], T], key: str) -> T:
+    """Run `fn` (a download into a cache, then a load) one process at a time on each node.
+
+    The first process of the node to take the node-local lock fetches; the others wait on the lock, not in a
+    collective that a slow download could time out, then run `fn` themselves and find the cache. Each node
+    fetches into its own (node-local) cache; on a shared cache the atomic rename makes a second fetch harmless.
+    """
+    if _last is None or _last.local_world_size == 1:
+        return fn()
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or str(os.getppid())
+    name = hashlib.sha256(f"{job}|{key}".encode()).hexdigest()[:16]
+    lock = Path(tempfile.gettempdir()) / f"dit-fid-{name}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        try:
+            return fn()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def rank0_first(fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 first (e.g. a download), then on the others (which read the cache).
 
@@ -214,14 +249,93 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
-def fail(message: str, code: int = EXIT_FAILED) -> None:
+def report_failures_in(folder: Path) -> None:
+    """Record this job's per-rank failure reasons and heartbeats in `folder` (a run folder all ranks see)."""
+    global _report_dir
+    _report_dir = folder
+    heartbeat()
+
+
+def _rank_file(r: int, suffix: str) -> Path | None:
+    return _report_dir / f".rank-{r}{suffix}" if _report_dir is not None else None
+
+
+def heartbeat() -> None:
+    """Mark this rank alive (the sampler calls it between batches); a stuck rank is then named by the others."""
+    path = _rank_file(rank(), ALIVE_SUFFIX)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.touch()
+
+
+def record_failure(message: str) -> None:
+    """Leave this rank's one-line reason where the other ranks look when their collectives break."""
+    path = _rank_file(rank(), FAILED_SUFFIX)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.write_text(f"{time.time():.3f} {message}\n")
+
+
+def clear_reports(folder: Path) -> None:
+    """Remove the failure and heartbeat files of `folder` (left by an earlier run, or a finished one)."""
+    for suffix in (FAILED_SUFFIX, ALIVE_SUFFIX):
+        for path in folder.glob(f".rank-*{suffix}"):
+            path.unlink(missing_ok=True)
+
+
+def peer_explanation() -> str | None:
+    """Why this rank's collective broke, from the OTHER ranks' records: the first of them that failed and its
+    line, or the one that stopped making progress (stopped, stuck, or killed without a word)."""
+    if _report_dir is None or world_size() == 1:
+        return None
+    others = [r for r in range(world_size()) if r != rank()]
+    deadline = time.time() + FAILURE_WAIT_S
+    while True:
+        failed = []
+        for r in others:
+            with contextlib.suppress(OSError, ValueError):
+                stamp, line = _rank_file(r, FAILED_SUFFIX).read_text().strip().split(" ", 1)
+                failed.append((float(stamp), r, line))
+        if failed or time.time() > deadline:
+            break
+        time.sleep(FAILURE_WAIT_S / 10)
+    if failed:
+        _, r, line = min(failed)
+        return f"rank {r} failed first: {line}"
+    beats = []
+    for r in others:
+        with contextlib.suppress(OSError):
+            beats.append((_rank_file(r, ALIVE_SUFFIX).stat().st_mtime, r))
+    if not beats:
+        return None
+    stamp, r = min(beats)
+    return f"rank {r} stopped making progress {time.time() - stamp:.0f} s ago (stuck, stopped or killed)"
+
+
+def _broken_collective(exc: BaseException) -> bool:
+    """A failure caused by a peer: a collective that timed out or lost its connection."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        m in text for m in ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out"))
+
+
+def fail(message: str, code: int = EXIT_FAILED, peer_caused: bool = False) -> None:
     """Print `message` prefixed with the rank and end this process now, without teardown.
 
-    os._exit skips atexit/destructors that could block on a dead peer; torchrun sees the
-    non-zero exit and stops the other ranks.
+    The line is also recorded for the other ranks (see `report_failures_in`). When a peer caused it
+    (`peer_caused`: a broken or timed-out collective), the peer's own line, or the name of the rank that
+    stopped, is printed last. os._exit skips atexit/destructors that could block on a dead peer; torchrun
+    sees the non-zero exit and stops the others.
     """
     prefix = f"[rank {rank()}] " if world_size() > 1 else ""
+    if not peer_caused:
+        record_failure(message)
     print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    peer = peer_explanation() if peer_caused else None
+    if peer is not None:
+        print(f"{prefix}cause: {peer}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
 
@@ -232,7 +346,7 @@ def install_fail_fast() -> None:
     def hook(exc_type, exc, tb):  # noqa: ANN001
         if not issubclass(exc_type, KeyboardInterrupt):
             traceback.print_exception(exc_type, exc, tb)
-        fail(f"failed: {exc_type.__name__}: {exc}")
+        fail(f"failed: {exc_type.__name__}: {exc}", peer_caused=_broken_collective(exc))
 
     sys.excepthook = hook
 
@@ -243,3 +357,18 @@ def shutdown() -> None:
     if _active():
         dist.destroy_process_group()
     _info = None
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[DistInfo]:
+    """Run the body as a world of one on this process's device, after `shutdown()` (e.g. rank 0 evaluating
+    what the job sampled): rank() is 0, world_size() is 1, collectives are no-ops."""
+    global _info
+    if _active():
+        raise RuntimeError("alone() needs the process group left first (shutdown())")
+    device = _last.device if _last is not None else torch.device("cpu")
+    _info = DistInfo(0, 1, _last.local_rank if _last else 0, 1, device)
+    try:
+        yield _info
+    finally:
+        _info = None

@@ -4,28 +4,40 @@
     DIT_PROGRAM="-m launch.pipeline" sbatch launch/slurm/sample.sbatch --ref REF.npz --cfg-scale 1.5
 
 Every flag of sample_ddp.py is accepted and means the same. Each rank runs the sampler in this process
-(no nested torchrun); rank 0 packs the `.npz`, then evaluates it alone as a world of one. The sampler
-ends its process group when it is done, and a second group on torchrun's store would meet the first
-group's rendezvous keys, so the other ranks leave once their images are on disk (for a multi-GPU
-evaluation of an existing `.npz`, use launch/slurm/evaluate.sbatch). Exit codes as the sampler's: 0 done,
-1 a rank failed, 2 bad input, 3 preempted (rerun the same command: it resumes, then evaluates).
+(no nested torchrun); rank 0 packs the `.npz`, then calls the evaluator's `evaluate()` on it in this same
+process, as a world of one (the sampler has left its process group: packing and evaluating 50,000 images
+on one rank would outlast any collective timeout), and writes the report. The other ranks leave once their
+images are on disk. Exit codes as the sampler's: 0 done, 1 a rank failed, 2 bad input, 3 preempted (rerun
+the same command: it resumes, then evaluates).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from launch.exits import EXIT_BAD_INPUT
+import sample_ddp
+from evaluation.batches import BatchError
+from evaluation.evaluator import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CACHE_DIR,
+    METRICS,
+    EvaluationError,
+    evaluate,
+    format_report,
+    open_checked,
+    parse_metrics,
+)
+from evaluation.inception import InceptionExtractor, InceptionWeightsError, resolve_weights
+from evaluation.metrics import MetricError
+from launch import dist
+from launch.exits import EXIT_BAD_INPUT, EXIT_OK
+from launch.files import FileWriteError, write_json_atomic
 
 METRICS_SUFFIX = ".metrics.json"
-# torchrun's variables that make launch.dist join a process group; hidden while rank 0 evaluates alone.
-SINGLE_PROCESS_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
 
 EXAMPLES = """examples:
   torchrun --standalone --nproc_per_node=8 -m launch.pipeline --ref VIRTUAL_imagenet256_labeled.npz \\
@@ -34,6 +46,7 @@ EXAMPLES = """examples:
       --num-classes 10 --num-fid-samples 1000 --metrics fid,sfid
 every other flag goes to the sampler: see `python sample_ddp.py --help`
 """
+EVAL_ERRORS = (EvaluationError, InceptionWeightsError, MetricError, BatchError, FileWriteError)
 
 
 class PipelineError(Exception):
@@ -41,8 +54,6 @@ class PipelineError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from evaluation.evaluator import DEFAULT_BATCH_SIZE, DEFAULT_CACHE_DIR, METRICS
-
     p = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLES, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,69 +74,33 @@ def metrics_path(run_dir: Path) -> Path:
     return Path(f"{run_dir}{METRICS_SUFFIX}")
 
 
-def evaluator_argv(opts: argparse.Namespace, npz: Path, json_out: Path) -> list[str]:
-    argv = [str(opts.ref), str(npz), "--json", str(json_out), "--batch-size", str(opts.eval_batch_size),
-            "--metrics", opts.metrics, "--cache-dir", str(opts.eval_cache_dir)]
-    if opts.inception_weights:
-        argv += ["--inception-weights", opts.inception_weights]
-    if opts.no_download:
-        argv.append("--no-download")
-    if opts.no_eval_cache:
-        argv.append("--no-cache")
-    return argv
-
-
-@contextlib.contextmanager
-def single_process_env() -> Iterator[None]:
-    """Let launch.dist see a world of one (LOCAL_RANK, hence the GPU, is kept)."""
-    saved = {k: os.environ.get(k) for k in SINGLE_PROCESS_ENV}
-    os.environ.update(SINGLE_PROCESS_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def evaluate_run(opts: argparse.Namespace, run_dir: Path) -> int:
-    """Evaluate `<run>.npz` against --ref here; write `<run>.metrics.json`. Returns an exit code."""
-    from evaluation import evaluator
-    from launch import dist
-    from launch.files import write_json_atomic
-
+    """Evaluate `<run>.npz` against --ref in this process; write `<run>.metrics.json`. Returns an exit code."""
     npz, out = Path(f"{run_dir}.npz"), metrics_path(run_dir)
-    partial = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    dist.shutdown()  # the sampler's group (if still there) is not the evaluator's world of one
-    with single_process_env():
-        code = evaluator.main(evaluator_argv(opts, npz, partial))
-    if code != 0:
-        partial.unlink(missing_ok=True)
-        return code
-    report = json.loads(partial.read_text())
-    partial.unlink()
+    metrics = parse_metrics(opts.metrics)
+    with dist.alone():  # the sampler's group is gone: evaluate as a world of one on this rank's device
+        weights = resolve_weights(opts.inception_weights, allow_download=not opts.no_download)
+        extractor = InceptionExtractor(weights, dist.info().device, opts.eval_batch_size)
+        if "is" in metrics and not weights.has_classifier:
+            print(weights.is_unavailable_reason(), file=sys.stderr, flush=True)
+        report = evaluate(opts.ref, npz, extractor, metrics, None if opts.no_eval_cache else opts.eval_cache_dir)
     inputs = {"reference_batch": str(Path(opts.ref).resolve()), "sample_batch": str(npz.resolve()),
               "run_dir": str(run_dir.resolve())}
+    for line in format_report(report, metrics):
+        print(line, flush=True)
     write_json_atomic(out, {**inputs, **report})
     print(f"Saved metrics to {out}", flush=True)
-    return 0
+    return EXIT_OK
 
 
-def _prepare(opts: argparse.Namespace, sampler_args: argparse.Namespace):  # noqa: ANN202
+def _prepare(opts: argparse.Namespace, sampler_args: argparse.Namespace) -> sample_ddp.SampleConfig:
     """The sampler's config, after every check that needs no model: bad input fails before any sampling."""
-    import sample_ddp
-    from evaluation.evaluator import METRICS, open_checked
-
     cfg = sample_ddp.config_from_args(sampler_args)
     if cfg.no_npz:
         raise PipelineError("--no-npz: the pipeline evaluates the .npz; drop the flag")
     if opts.eval_batch_size < 1:
         raise PipelineError(f"--eval-batch-size must be positive, got {opts.eval_batch_size}")
-    unknown = [m for m in opts.metrics.split(",") if m.strip().lower() not in METRICS]
-    if unknown:
-        raise PipelineError(f"--metrics: unknown {', '.join(unknown)}; choose from {','.join(METRICS)}")
+    parse_metrics(opts.metrics)
     if opts.inception_weights and not Path(opts.inception_weights).is_file():
         raise PipelineError(f"--inception-weights {opts.inception_weights}: no such file")
     open_checked(opts.ref, "reference")  # a missing or unreadable --ref fails now, not after the sampling
@@ -133,35 +108,29 @@ def _prepare(opts: argparse.Namespace, sampler_args: argparse.Namespace):  # noq
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import sample_ddp
-    from evaluation.batches import BatchError
-    from evaluation.evaluator import EvaluationError
-    from launch import dist
-    from launch.rundir import RunDirError
-    from models.checkpoints import CheckpointError
-    from models.vae import CodecError
-
     opts, rest = build_parser().parse_known_args(argv)
     sampler_args = sample_ddp.build_parser().parse_args(rest)  # an unknown flag exits 2 here (argparse)
-    bad_input = (sample_ddp.ConfigError, CheckpointError, CodecError, RunDirError, BatchError)
     try:
         cfg = _prepare(opts, sampler_args)
-    except (*bad_input, EvaluationError, PipelineError) as exc:
+    except (*sample_ddp.BAD_INPUT_ERRORS, *EVAL_ERRORS, PipelineError) as exc:
         if dist.is_main():
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     try:
         code = sample_ddp.run(cfg)
-    except bad_input as exc:
-        if dist.is_main() or dist.world_size() == 1:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_BAD_INPUT)  # another rank may wait in a collective that will never come
-    dist.shutdown()
-    if code != 0 or not dist.is_main():
+    except sample_ddp.BAD_INPUT_ERRORS as exc:
+        sample_ddp.exit_bad_input(exc)
+    if code != EXIT_OK or not dist.is_main():
         return code
-    return evaluate_run(opts, cfg.run_dir)
+    try:
+        return evaluate_run(opts, cfg.run_dir)
+    except EVAL_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: a process-group thread destroyed late can abort a finished rank

@@ -13,6 +13,10 @@ import numpy as np
 import torch
 
 LABEL_SAMPLING = ("random", "balanced")
+LABEL_RULES = {  # recorded in the manifest
+    "random": "label_i is the first draw, randint(num_classes), of sample i's own generator",
+    "balanced": "labels = numpy.random.default_rng(global_seed).permutation(arange(N) % num_classes)",
+}
 
 
 def share_bounds(n: int, part: int, parts: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ def test_prepare_refuses_another_identity_unless_overwrite(tmp_path):
     assert rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=False) is None
     write_json_atomic(run / rundir.MANIFEST_NAME, {"identity": {"cfg_scale": 1.5}})
     (run / "000000.png").write_bytes(b"x")
-    assert rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=False)["identity"] == {"cfg_scale": 1.5}
+    assert rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=False).identity == {"cfg_scale": 1.5}
     with pytest.raises(rundir.RunDirError, match="cfg_scale 1.5 -> 4.0.*--overwrite"):
         rundir.prepare(run, {"cfg_scale": 4.0}, overwrite=False)
     assert (run / "000000.png").exists()  # nothing lost by a refusal
@@ -50,3 +50,83 @@ def test_scan_finds_missing_and_truncated_pngs_per_rank(tmp_path):
     assert sorted(found[0] + found[1]) == [2, 3, 5]
     assert found[0] == [2] and found[1] == [3, 5]
     assert not (tmp_path / "000003.png").exists()
+
+
+def test_overwrite_with_the_same_identity_resumes(tmp_path):
+    """A job script that keeps --overwrite across requeues never wipes its own progress."""
+    run = tmp_path / "run"
+    rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=True)
+    write_json_atomic(run / rundir.MANIFEST_NAME, {"identity": {"cfg_scale": 1.5}})
+    (run / "000000.png").write_bytes(b"x")
+    assert rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=True).identity == {"cfg_scale": 1.5}
+    assert (run / "000000.png").read_bytes() == b"x"
+
+
+def test_damaged_manifest_keeps_the_images_and_does_not_advise_overwrite(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.MANIFEST_NAME).write_text("{not json")
+    (run / "000000.png").write_bytes(b"x")
+    with pytest.raises(rundir.RunDirError) as err:
+        rundir.prepare(run, {"cfg_scale": 1.5}, overwrite=False)
+    message = str(err.value)
+    assert "damaged" in message and "1 images" in message and "--overwrite" not in message and "\n" not in message
+    assert (run / "000000.png").exists()
+
+
+def test_manifest_has_one_owner_and_sessions(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = rundir.Manifest(run, {"identity": {"a": 1}})
+    manifest.start_session(world_size=2)
+    manifest.finish_session()
+    manifest.start_session(world_size=4)
+    again = rundir.Manifest.read(run)
+    assert [s["world_size"] for s in again.data["sessions"]] == [2, 4]
+    assert "finished" in again.data["sessions"][0] and "finished" not in again.data["sessions"][1]
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_a_second_run_on_the_folder_is_refused_naming_the_holder(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    run = tmp_path / "run"
+    first = rundir.RunLock(run)
+    rundir.prepare(run, {"a": 1}, overwrite=False, lock=first)
+    with pytest.raises(rundir.RunDirError, match=f"in use by another run \\({socket.gethostname()}:{os.getpid()}"):
+        rundir.prepare(run, {"a": 1}, overwrite=False, lock=rundir.RunLock(run))
+    first.release()
+    second = rundir.RunLock(run)
+    rundir.prepare(run, {"a": 1}, overwrite=False, lock=second)
+    assert second.held
+    second.release()
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = rundir.RunLock(run)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "job": None}))
+    lock.acquire()  # its process is gone
+    lock.release()
+    lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": "77"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    lock.acquire()  # an earlier run of this same (requeued) job on another node
+    lock.release()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": "5"}))
+    with pytest.raises(rundir.RunDirError, match="elsewhere:1"):
+        lock.acquire()
+    old = lock.path.stat().st_mtime - rundir.LOCK_STALE_S - 1
+    os.utime(lock.path, (old, old))
+    lock.acquire()  # silent for too long
+    assert lock.held

@@ -1,0 +1,183 @@
+"""Faults a cluster user meets (issue 11): each reproduced, each one line and a resumable folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample_ddp
+from launch import dist
+
+N = 8
+STEPS = 60
+
+
+def run_dir_of(sample_dir: Path) -> Path:
+    (run,) = [p for p in sample_dir.iterdir() if p.is_dir()]
+    return run
+
+
+def one_error_line(result) -> str:
+    """Exit 2 and exactly one `error:` line, the last line on stderr (a progress bar may stand before it)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), result.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished(sampler, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished")
+    result = sampler.run(1, sampler.pixel_args(out, N, 4, steps=4))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def copy_of(finished: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished, tmp_path / "copy"))
+
+
+def test_overwrite_with_the_same_configuration_resumes(finished, sampler, tmp_path):
+    sample_dir = copy_of(finished, tmp_path)
+    run = run_dir_of(sample_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in run.glob("[0-9]*.png")}
+    result = sampler.run(1, [*sampler.pixel_args(sample_dir, N, 4, steps=4), "--overwrite"])
+    assert result.returncode == 0, result.stderr
+    assert f"{N} of {N} images present" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("[0-9]*.png")} == before
+
+
+def test_a_png_of_the_wrong_size_is_redone(finished, sampler, tmp_path):
+    sample_dir = copy_of(finished, tmp_path)
+    run = run_dir_of(sample_dir)
+    good = np.asarray(Image.open(run / "000003.png"))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(run / "000003.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(run / "000005.png")  # right size, wrong mode
+    Path(f"{run}.npz").unlink()
+    result = sampler.run(1, sampler.pixel_args(sample_dir, N, 4, steps=4))
+    assert result.returncode == 0, result.stderr
+    assert f"{N - 2} of {N} images present" in result.stdout
+    assert np.array_equal(np.asarray(Image.open(run / "000003.png")), good)
+    with np.load(Path(f"{run}.npz")) as z:
+        assert z["arr_0"].shape == (N, 8, 8, 3)
+
+
+@pytest.mark.parametrize("blocked", ["grid.png", "npz"])
+def test_a_write_error_is_one_line_naming_the_file(finished, sampler, tmp_path, blocked):
+    sample_dir = copy_of(finished, tmp_path)
+    run = run_dir_of(sample_dir)
+    target = run / "grid.png" if blocked == "grid.png" else Path(f"{run}.npz")
+    target.unlink()
+    target.mkdir()  # the rename onto it fails like a full or read-only disk would
+    line = one_error_line(sampler.run(1, sampler.pixel_args(sample_dir, N, 4, steps=4)))
+    assert target.name in line
+    assert not list(run.glob(".*tmp*")) and not list(sample_dir.glob(".*tmp*"))
+    assert len(list(run.glob("[0-9]*.png"))) == N  # nothing already written is lost
+
+
+def test_pack_only_with_another_count_is_refused(finished, sampler, tmp_path):
+    sample_dir = copy_of(finished, tmp_path)
+    args = sampler.pixel_args(sample_dir, 999, 4, steps=4)
+    line = one_error_line(sampler.run(1, [*args, "--pack-only"]))
+    assert "--num-fid-samples 999" in line
+
+
+def test_a_huge_count_is_refused_at_once():
+    start = time.time()
+    args = sample_ddp.build_parser().parse_args(["--num-fid-samples", "2000000000"])
+    with pytest.raises(sample_ddp.ConfigError, match="--num-fid-samples 2000000000"):
+        sample_ddp.config_from_args(args)
+    assert time.time() - start < 1
+
+
+def test_two_runs_on_one_folder(sampler, tmp_path):
+    args = sampler.pixel_args(tmp_path, N, 2, steps=STEPS)
+    first = sampler.start(1, args)
+    try:
+        sampler.wait_for_files(tmp_path, "*/[0-9]*.png", 1)
+        os.kill(first.pid, signal.SIGSTOP)  # still running (its lock held) while the second one starts
+        try:
+            line = one_error_line(sampler.run(1, args))
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert "in use by another run" in line and f":{first.pid}" in line
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0
+    manifest = json.loads((run_dir_of(tmp_path) / "manifest.json").read_text())
+    assert len(manifest["sessions"]) == 1 and "finished" in manifest["sessions"][0]
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_stop_resumably_with_exit_3(sampler, tmp_path, sig):
+    args = sampler.pixel_args(tmp_path, N, 2, steps=STEPS)
+    proc = sampler.start(1, args)
+    try:
+        sampler.wait_for_files(tmp_path, "*/[0-9]*.png", 1)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, output[-2000:]
+    assert "preemption signal received" in output and "KeyboardInterrupt" not in output
+    done = len(list(run_dir_of(tmp_path).glob("[0-9]*.png")))
+    assert 0 < done < N
+    resumed = sampler.run(1, args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done} of {N} images present" in resumed.stdout
+
+
+def test_a_stopped_rank_is_named_by_the_survivor(sampler, tmp_path):
+    from test_sample_ddp import _worker_pids
+
+    args = [*sampler.pixel_args(tmp_path, 16, 2, steps=STEPS), "--dist-timeout", "5"]
+    proc = sampler.start(2, args)
+    workers = []
+    try:
+        sampler.wait_for_files(tmp_path, "*/[0-9]*.png", 2)
+        workers = sorted(_worker_pids(proc.pid))
+        os.kill(workers[1], signal.SIGSTOP)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    cause = [line for line in output.splitlines() if "cause:" in line]
+    assert cause and "rank 1 stopped making progress" in cause[-1], output[-3000:]
+
+
+def test_the_first_failing_rank_is_reported(tmp_path, monkeypatch):
+    """A survivor whose collective broke names the rank that failed first, with that rank's own line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "_info", None)
+    dist.report_failures_in(tmp_path)
+    try:
+        (tmp_path / ".rank-1.alive").touch()
+        assert dist.peer_explanation().startswith("rank 1 stopped making progress")
+        (tmp_path / ".rank-1.failed").write_text(f"{time.time() - 1:.3f} error: [rank 1] cannot write x: disk full\n")
+        assert dist.peer_explanation() == "rank 1 failed first: error: [rank 1] cannot write x: disk full"
+        assert dist._broken_collective(RuntimeError("[gloo] Connection closed by peer"))
+        assert not dist._broken_collective(ValueError("bad value"))
+        dist.clear_reports(tmp_path)
+        assert not list(tmp_path.glob(".rank-*"))
+    finally:
+        monkeypatch.setattr(dist, "_report_dir", None)
