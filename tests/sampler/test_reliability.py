@@ -152,6 +152,10 @@ def test_a_stopped_rank_is_named_by_the_survivor(sampler, tmp_path):
         sampler.wait_for_files(tmp_path, "*/[0-9]*.png", 2)
         workers = sorted(_worker_pids(proc.pid))
         os.kill(workers[1], signal.SIGSTOP)
+        deadline = time.time() + 60
+        while Path(f"/proc/{workers[0]}").exists() and time.time() < deadline:  # the survivor gives up
+            time.sleep(0.2)
+        os.kill(workers[1], signal.SIGKILL)  # spare torchrun its 30 s wait for a stopped process
         output, _ = proc.communicate(timeout=90)
     finally:
         for pid in workers:
