@@ -15,7 +15,7 @@ from pathlib import Path
 
 PACKAGES = ("models", "diffusion", "evaluation", "launch")
 SCRIPTS = ("sample_ddp", "train")
-COMMANDS = {"sample_ddp", "train", "launch.pipeline", "launch.prefetch", "launch.sweep"}
+COMMANDS = {"sample_ddp", "train", "launch.pipeline", "launch.prefetch", "launch.sweep", "launch.torchrun"}
 LEVEL = {"commands": 3, "models": 2, "evaluation": 2, "diffusion": 1, "launch": 0}
 LONGEST_SHOWN = 5
 

@@ -4,8 +4,8 @@
 #
 # Environment read here (all optional):
 #   PYTHON       interpreter of the project's environment (default: python, else python3)
-#   TORCHRUN     launcher command (words); default: torchrun's own main run through $PYTHON so that the
-#                workers' exit code comes back (plain torchrun exits 1 whenever a worker fails)
+#   TORCHRUN     launcher command (words); default: $PYTHON -m launch.torchrun, torchrun passing the workers'
+#                exit code back (plain torchrun exits 1 whenever a worker fails) and SIGUSR1 on to them
 #   NPROC        processes per node; default: SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES, nvidia-smi -L, 1
 #   DIT_PROGRAM  what torchrun starts (words; default: the sampler, <checkout>/sample_ddp.py)
 #   MASTER_PORT  rendezvous port of a multi-node job (default: derived from the job id, probed free)
@@ -15,20 +15,6 @@ DIT_EXIT_PREEMPTED=3  # sample_ddp.py stopped on SIGUSR1 after writing its in-fl
 DIT_PORT_BASE=15000   # rendezvous ports: DIT_PORT_BASE + job id % DIT_PORT_SPAN, below the ephemeral range
 DIT_PORT_SPAN=15000
 DIT_PORT_TRIES=32     # ports probed upwards from there
-
-# torchrun's main, but exiting with the root-cause worker's exit code (3 preempted, 2 bad input, ...)
-# instead of torchrun's 1; a worker killed by a signal still gives 1.
-# shellcheck disable=SC2016  # Python source, not shell
-DIT_TORCHRUN_PY='
-import sys
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main
-try:
-    main(sys.argv[1:])
-except ChildFailedError as exc:
-    code = exc.get_first_failure()[1].exitcode
-    sys.exit(code if 0 < code < 128 else 1)
-'
 
 dit_log() {
   printf '[%s %s] %s\n' "$(date '+%F %T')" "${HOSTNAME:-node}" "$*" >&2
@@ -50,7 +36,7 @@ dit_setup() {
   if [[ -n "${TORCHRUN:-}" ]]; then
     read -r -a DIT_LAUNCHER <<<"$TORCHRUN"
   else
-    DIT_LAUNCHER=("$PYTHON" -c "$DIT_TORCHRUN_PY")
+    DIT_LAUNCHER=("$PYTHON" -m launch.torchrun)  # torchrun with the workers' exit code; passes SIGUSR1 on
   fi
 }
 
@@ -117,8 +103,8 @@ dit_supervise() {  # TARGET CMD...
   DIT_SIGNALLED=0
   local -a shown=()
   local word
-  for word in "$@"; do  # the log shows the launcher snippet as <torchrun>
-    if [[ "$word" == "$DIT_TORCHRUN_PY" ]]; then shown+=("<torchrun>"); else shown+=("$(printf '%q' "$word")"); fi
+  for word in "$@"; do
+    shown+=("$(printf '%q' "$word")")
   done
   dit_log "running: ${shown[*]}"
   "$@" &
