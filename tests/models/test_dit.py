@@ -264,24 +264,28 @@ def test_label_dropout_training_and_forced(tiny_model):
     assert not torch.allclose(cond, uncond)
 
 
-def test_building_blocks_match_timm(randomize):
-    """Same weights in timm's Attention / Mlp / PatchEmbed (what the official code uses) give the same output."""
-    from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+def test_building_blocks_are_timms_with_fused_attention(monkeypatch, randomize):
+    """timm's PatchEmbed / Attention / Mlp (as the official code); attention fused even if timm's default is off."""
+    import timm.layers
+    import timm.layers.config
 
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)  # what TIMM_FUSED_ATTN=0 sets
     model = randomize(DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4), seed=5).eval()
     block = model.blocks[0]
+    assert isinstance(model.x_embedder, timm.layers.PatchEmbed)
+    assert isinstance(block.attn, timm.layers.Attention) and isinstance(block.mlp, timm.layers.Mlp)
+    assert block.attn.fused_attn
     tokens = torch.randn(2, 16, 32)
-    ref_attn = Attention(32, num_heads=4, qkv_bias=True)
-    ref_attn.load_state_dict(block.attn.state_dict(), strict=True)
-    ref_mlp = Mlp(in_features=32, hidden_features=128, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
-    ref_mlp.load_state_dict(block.mlp.state_dict(), strict=True)
-    ref_patch = PatchEmbed(8, 2, 4, 32, bias=True)
-    ref_patch.load_state_dict(model.x_embedder.state_dict(), strict=True)
-    img = torch.randn(2, 4, 8, 8)
+    q, k, v = block.attn.qkv(tokens).reshape(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    heads_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [B, heads, T, head_dim]
+    expected = block.attn.proj(heads_out.transpose(1, 2).reshape(2, 16, 32))
     with torch.no_grad():
-        torch.testing.assert_close(block.attn(tokens), ref_attn(tokens), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(block.mlp(tokens), ref_mlp(tokens), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(model.x_embedder(img), ref_patch(img), atol=1e-6, rtol=1e-5)
+        assert torch.equal(block.attn(tokens), expected)
+
+
+def test_wrong_input_size_names_both_sizes(tiny_model):
+    with pytest.raises(AssertionError, match=r"\(16\).*\(8\)"):
+        tiny_model(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([0]))
 
 
 def test_pos_embed_gets_no_gradient(tiny_model):
