@@ -317,6 +317,7 @@ def build_model(
             f"(e.g. {', '.join(problems[:_MAX_KEYS_SHOWN])})"
         )
     model = model.float()
+    model.t_embedder.reset_frequencies()  # a non-persistent buffer: still on the meta device after the load
     meta["inferred"] = cfg
     meta["null_label"] = dropout > 0
     return model.eval(), meta

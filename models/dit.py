@@ -38,13 +38,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
-    """Sinusoidal features of (possibly fractional) timesteps t [B] -> [B, dim], ordered [cos | sin].
+def timestep_frequencies(dim: int, max_period: float = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
+    """freq_i = exp(-ln(max_period) * i / half), i = 0..half-1 -> float32 [dim // 2], computed on the CPU.
 
-    freq_i = exp(-ln(max_period) * i / half), i = 0..half-1 (float32, as the official GLIDE/DiT code).
+    Float32 on the CPU, as the official GLIDE/DiT code, so the bits do not depend on the device.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = TIMESTEP_MAX_PERIOD, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps t [B] -> [B, dim], ordered [cos | sin].
+
+    ``freqs`` are :func:`timestep_frequencies` already on ``t``'s device; without them they are built on the
+    CPU and copied (what :class:`TimestepEmbedder` avoids by keeping them in a buffer).
+    """
+    if freqs is None:
+        freqs = timestep_frequencies(dim, max_period).to(t.device)
     args = t[:, None].float() * freqs[None]  # [B, half]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -53,7 +65,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = TIMESTEP_M
 
 
 class TimestepEmbedder(nn.Module):
-    """t [B] -> sinusoidal features [B, 256] -> Linear-SiLU-Linear -> [B, D]."""
+    """t [B] -> sinusoidal features [B, 256] -> Linear-SiLU-Linear -> [B, D].
+
+    The frequencies live in a non-persistent buffer (not in the state dict, so the official keys stay the
+    same), built once: a forward makes no host-to-device copy. The buffer holds the float32 bit pattern as
+    int32, because integer buffers follow ``.to(device)`` but not ``.to(dtype)``/``.half()``: the phases are
+    computed from the same float32 frequencies whatever the parameters' dtype.
+    """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE) -> None:
         super().__init__()
@@ -63,9 +81,20 @@ class TimestepEmbedder(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
+        self.register_buffer("freq_bits", torch.empty(0, dtype=torch.int32), persistent=False)
+        self.reset_frequencies()
+
+    def reset_frequencies(self) -> None:
+        """(Re)build the frequency buffer on the t-MLP's device; call it after loading a meta-built model."""
+        freqs = timestep_frequencies(self.frequency_embedding_size)
+        self.freq_bits = freqs.view(torch.int32).to(self.mlp[0].weight.device)
+
+    def frequencies(self) -> torch.Tensor:
+        """The float32 frequencies [256 // 2] on the module's device (a view of the buffer, no copy)."""
+        return self.freq_bits.view(torch.float32)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # float32 features, as official
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, freqs=self.frequencies())  # float32
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 

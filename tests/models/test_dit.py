@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.dit import DIT_CONFIGS, DiT, DiT_models, timestep_embedding
 
@@ -294,3 +295,58 @@ def test_pos_embed_gets_no_gradient(tiny_model):
     out.square().mean().backward()
     assert tiny_model.pos_embed.grad is None
     assert tiny_model.blocks[0].adaLN_modulation[1].weight.grad is not None
+
+
+# --------------------------------------------------------------------------- no host round trips
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Records every host-to-device copy and every host sync (``.item()``-style) dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.events.append(f"host sync: {func}")
+        elif func is torch.ops.aten._to_copy.default:
+            target = kwargs.get("device")
+            if args[0].device.type == "cpu" and target is not None and torch.device(target).type != "cpu":
+                self.events.append(f"host-to-device: {func} -> {target}")
+        elif func is torch.ops.aten.copy_.default:
+            dst, src = args[0], args[1]
+            if src.device.type == "cpu" and dst.device.type != "cpu":
+                self.events.append(f"host-to-device: {func} -> {dst.device}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_makes_no_host_copy_and_no_host_sync(training):
+    """On a non-CPU device (meta stands in for a GPU) a forward never copies from the host nor reads a scalar back."""
+    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10).to("meta")
+    model.train(training)
+    x = torch.empty(3, 4, 8, 8, device="meta")
+    t = torch.empty(3, device="meta")
+    y = torch.empty(3, dtype=torch.long, device="meta")
+    with _HostTraffic() as traffic:
+        out = model(x, t, y)
+        model(x, t, y, force_drop_ids=torch.ones(3, dtype=torch.long, device="meta"))
+    assert out.shape == (3, 8, 8, 8) and out.device.type == "meta"
+    assert traffic.events == []
+
+
+def test_timestep_frequencies_are_a_non_persistent_float32_buffer():
+    """Not in the state dict (official keys unchanged); float32 through dtype casts; rebuilt after a meta load."""
+    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=10)
+    assert not any("freq" in k for k in model.state_dict())
+    expected = np.exp(-math.log(10000.0) * np.arange(FREQ_DIM // 2, dtype=np.float32) / (FREQ_DIM // 2))
+    for cast in (torch.float64, torch.bfloat16, torch.float32):
+        np.testing.assert_allclose(model.to(cast).t_embedder.frequencies().numpy(), expected, rtol=1e-6)
+    state = model.state_dict()
+    with torch.device("meta"):
+        fresh = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=10)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    fresh.t_embedder.reset_frequencies()
+    assert torch.equal(fresh.t_embedder.frequencies(), model.t_embedder.frequencies())
