@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from launch.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
-from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, DiT
+from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, LATENT_CHANNELS, MLP_RATIO, DiT
 from models.vae import Codec
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
@@ -386,7 +386,7 @@ def build_model(
             f"the patch size {patch} of --model {model_name}"
         )
     if ckpt is None:
-        model = DiT(input_size=input_size, num_classes=num_classes, in_channels=in_channels or 4, **arch)
+        model = DiT(input_size=input_size, num_classes=num_classes, in_channels=in_channels or LATENT_CHANNELS, **arch)
         return model.eval(), {"kind": "init", "path": None, "weights": "init"}
 
     state, meta = loaded or load_checkpoint(ckpt, allow_pickle=allow_pickle)
@@ -405,7 +405,7 @@ def build_model(
         in_channels=cfg["in_channels"],
         num_classes=num_classes,
         learn_sigma=cfg["learn_sigma"],
-        mlp_ratio=cfg["mlp_ratio"] or 4.0,
+        mlp_ratio=cfg["mlp_ratio"] or MLP_RATIO,
         class_dropout_prob=dropout,
         **arch,
     )

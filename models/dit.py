@@ -29,6 +29,9 @@ EMBED_INIT_STD = 0.02  # normal init of the label table and the t-MLP weights
 NUM_ADALN_CHUNKS_BLOCK = 6  # shift/scale/gate for attention and for the MLP
 NUM_ADALN_CHUNKS_FINAL = 2  # shift/scale before the final linear
 CLASS_DROPOUT_PROB = 0.1  # default label dropout for classifier-free guidance training
+MLP_RATIO = 4.0  # MLP hidden width / model width
+LATENT_CHANNELS = 4  # the SD VAE's latent channels: the official in_channels
+NUM_CLASSES = 1000  # ImageNet-1k: the official num_classes
 
 _gelu_tanh = functools.partial(nn.GELU, approximate="tanh")  # the MLP activation of the official DiT
 
@@ -47,17 +50,12 @@ def timestep_frequencies(dim: int, max_period: float = TIMESTEP_MAX_PERIOD) -> t
     return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
 
 
-def timestep_embedding(
-    t: torch.Tensor, dim: int, max_period: float = TIMESTEP_MAX_PERIOD, freqs: torch.Tensor | None = None
-) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, freqs: torch.Tensor) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps t [B] -> [B, dim], ordered [cos | sin].
 
-    ``freqs`` are :func:`timestep_frequencies` already on ``t``'s device; without them they are built on the
-    CPU and copied (what :class:`TimestepEmbedder` avoids by keeping them in a buffer).
+    ``freqs``: :func:`timestep_frequencies` ``(dim)`` on ``t``'s device. An odd ``dim`` gets a zero last column.
     """
-    if freqs is None:
-        freqs = timestep_frequencies(dim, max_period).to(t.device)
-    args = t[:, None].float() * freqs[None]  # [B, half]
+    args = t[:, None].float() * freqs[None]  # [B, dim // 2]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -94,7 +92,8 @@ class TimestepEmbedder(nn.Module):
         return self.freq_bits.view(torch.float32)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = timestep_embedding(t, self.frequency_embedding_size, freqs=self.frequencies())  # float32
+        """t [B] (possibly fractional) -> [B, D]."""
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, self.frequencies())  # float32
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -117,6 +116,7 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """labels [B] -> [B, D]; dropped to the null label when training (at random) or where forced."""
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -125,7 +125,7 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (DiT paper, Sec. 3.2)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = MLP_RATIO) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
@@ -137,7 +137,8 @@ class DiTBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x [B, T, D], c [B, D]; chunk order fixed by the official checkpoints.
+        """Tokens x [B, T, D] conditioned on c [B, D] -> [B, T, D]."""
+        # chunk order fixed by the official checkpoints
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             NUM_ADALN_CHUNKS_BLOCK, dim=1
         )
@@ -158,6 +159,7 @@ class FinalLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens x [B, T, D] conditioned on c [B, D] -> [B, T, p*p*out_channels]."""
         shift, scale = self.adaLN_modulation(c).chunk(NUM_ADALN_CHUNKS_FINAL, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*out]
 
@@ -172,13 +174,13 @@ class DiT(nn.Module):
         self,
         input_size: int = 32,
         patch_size: int = 2,
-        in_channels: int = 4,
+        in_channels: int = LATENT_CHANNELS,
         hidden_size: int = 1152,
         depth: int = 28,
         num_heads: int = 16,
-        mlp_ratio: float = 4.0,
+        mlp_ratio: float = MLP_RATIO,
         class_dropout_prob: float = CLASS_DROPOUT_PROB,
-        num_classes: int = 1000,
+        num_classes: int = NUM_CLASSES,
         learn_sigma: bool = True,
     ) -> None:
         super().__init__()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.dit import DIT_CONFIGS, DiT, DiT_models, timestep_embedding
+from models.dit import DIT_CONFIGS, DiT, DiT_models, timestep_embedding, timestep_frequencies
 
 # The 12 configurations of the DiT paper: (depth, hidden, heads) per size, patch 2/4/8.
 PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -140,12 +140,12 @@ def test_timestep_embedding_vs_numpy():
     freqs = np.exp(-math.log(10000.0) * np.arange(half) / half)
     args = t[:, None] * freqs[None]
     expected = np.concatenate([np.cos(args), np.sin(args)], axis=1)  # [cos | sin]
-    got = timestep_embedding(torch.tensor(t), FREQ_DIM).numpy()
+    got = timestep_embedding(torch.tensor(t), FREQ_DIM, timestep_frequencies(FREQ_DIM)).numpy()
     assert got.shape == (5, FREQ_DIM) and got.dtype == np.float32
     # float32 arguments (as the official code): error <= |t| * eps32 in the phase
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
     np.testing.assert_allclose(got[:3], expected[:3], rtol=0, atol=2e-6)
-    odd = timestep_embedding(torch.tensor([3.0]), 7)
+    odd = timestep_embedding(torch.tensor([3.0]), 7, timestep_frequencies(7))
     assert odd.shape == (1, 7) and odd[0, -1] == 0
 
 
