@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from launch.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
-from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, DiT
+from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, LATENT_CHANNELS, MLP_RATIO, DiT
+from models.vae import Codec
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 OFFICIAL_URL_ENV = "DIT_OFFICIAL_URL"  # mirror override (also used by the tests)
@@ -40,6 +41,7 @@ REQUIRED_KEYS = (
     "final_layer.linear.weight",
 )
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container is a zip archive
+REPLACE_HINT = "copy the file again or use an earlier checkpoint"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _MAX_KEYS_SHOWN = 3
 
@@ -51,28 +53,66 @@ class CheckpointError(Exception):
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> Any:
+def _check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{what} {path} is not readable (permission denied); fix its permissions")
+
+
+def _read_error(path: Path, what: str, e: Exception, allow_pickle: bool) -> CheckpointError:
+    """The one line for a file torch.load refused (it raises RuntimeError, UnpicklingError, OSError, KeyError ...)."""
+    msg = str(e)
+    if not allow_pickle and "Unsupported global" in msg:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+        held = f" ({found.group(1)})" if found else ""
+        return CheckpointError(
+            f"{what} {path} holds Python objects{held} that need full unpickling; "
+            "pass --allow-pickle only if you trust the file"
+        )
+    if zipfile.is_zipfile(path):
+        reason = msg.strip().splitlines()[0][:120] if msg.strip() else type(e).__name__
+        return CheckpointError(f"{what} {path} is corrupt or truncated ({reason}); {REPLACE_HINT}")
+    with open(path, "rb") as f:
+        starts_like_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    if starts_like_zip:  # a zip whose end (central directory) is missing: a cut-off copy
+        return CheckpointError(f"{what} {path} is truncated (zip archive without its end); {REPLACE_HINT}")
+    return CheckpointError(
+        f"{what} {path} is not a PyTorch checkpoint (not a zip archive; truncated or another file type); "
+        "pass a file written by torch.save or a .safetensors file"
+    )
+
+
+def read_torch_file(path: str | os.PathLike, allow_pickle: bool = False, what: str = "checkpoint") -> Any:
+    """``torch.load`` onto the CPU; every failure is one :class:`CheckpointError` line naming ``what`` and the file.
+
+    torch.save's zip archives are memory-mapped (``mmap=True``): tensors are read from the file when used and
+    the pages are shared through the page cache, so the ranks of a node do not each hold a copy of a training
+    checkpoint of which they use only the EMA weights. Legacy (pre-zip) files are read whole. ``what`` names the
+    file in messages, e.g. "checkpoint" or "--resume".
+    """
+    path = Path(path)
+    _check_readable(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... for bad files
-        msg = str(e)
-        if not allow_pickle and "Unsupported global" in msg:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"checkpoint {path} holds Python objects{what} that need full unpickling; "
-                "pass --allow-pickle only if you trust the file"
-            ) from None
-        if zipfile.is_zipfile(path):
-            reason = msg.strip().splitlines()[0][:120] if msg.strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason})") from None
-        with open(path, "rb") as f:
-            starts_like_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
-        if starts_like_zip:  # a zip whose end (central directory) is missing: a cut-off copy
-            raise CheckpointError(f"checkpoint {path} is truncated (zip archive without its end)") from None
-        raise CheckpointError(
-            f"checkpoint {path} is not a PyTorch checkpoint (not a zip archive; truncated or another file type)"
-        ) from None
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # any unreadable file is one error line
+        raise _read_error(path, what, e, allow_pickle) from None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # min and max propagate NaN and show +-Inf: one pass without a temporary (isfinite(t).all() allocates a mask
+    # and was ~25x slower on CPU here)
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def nonfinite_keys(state: dict[str, Any]) -> list[str]:
+    """Keys of the floating-point tensors that hold NaN or Inf (one tensor at a time: no copy of the state)."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not _all_finite(v)]
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -123,10 +163,7 @@ def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
     which entry was used ("ema", "model", ...); plus ``"config"`` and ``"class_to_idx"`` when present.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
+    _check_readable(path, "checkpoint")
     meta: dict[str, Any] = {"path": str(path)}
 
     if path.suffix == ".safetensors":
@@ -137,7 +174,7 @@ def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
             if parsed is not None:
                 meta[key] = parsed
     else:
-        obj = _torch_load(path, allow_pickle)
+        obj = read_torch_file(path, allow_pickle)
         if not isinstance(obj, dict):
             raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
         entry = next((k for k in STATE_KEYS_PREFERRED if isinstance(obj.get(k), dict)), None)
@@ -160,6 +197,12 @@ def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
     if missing or not all(isinstance(state[k], torch.Tensor) for k in REQUIRED_KEYS):
         shown = ", ".join(missing[:_MAX_KEYS_SHOWN]) or "tensor values"
         raise CheckpointError(f"checkpoint {path} is not a DiT state dict (missing {shown})")
+    bad = nonfinite_keys(state)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} has NaN or Inf in {len(bad)} of {len(state)} tensors of its {meta['weights']} "
+            f"weights (first: {bad[0]}); the run that wrote it diverged: use an earlier checkpoint"
+        )
     return state, meta
 
 
@@ -222,57 +265,72 @@ def _custom_arch(ckpt: str | os.PathLike, meta: dict) -> dict[str, int]:
     return {k: int(config[k]) for k in CUSTOM_ARCH_KEYS}
 
 
-def build_model(
-    model_name: str,
-    ckpt: str | os.PathLike | None,
-    input_size: int,
-    num_classes: int,
-    allow_pickle: bool = False,
-    in_channels: int | None = None,
-) -> tuple[DiT, dict]:
-    """Build ``model_name`` for an ``input_size`` grid (latent or pixel) and load ``ckpt`` into it.
-
-    in_channels and learn_sigma come from the checkpoint; pass ``in_channels`` (the codec's latent
-    channels) to have it checked. ``ckpt=None`` gives a freshly initialised model (4 channels unless
-    given). The model is returned in eval mode on the CPU.
-    """
-    loaded = None
+def _requested_arch(
+    model_name: str, ckpt: str | os.PathLike | None, allow_pickle: bool
+) -> tuple[dict[str, int], tuple[dict[str, torch.Tensor], dict] | None]:
+    """(depth, hidden_size, patch_size, num_heads) of ``--model``, and the checkpoint if reading it was needed."""
     if model_name == CUSTOM_MODEL:
         if ckpt is None:
             raise CheckpointError(f"--model {CUSTOM_MODEL} takes its architecture from a checkpoint; pass --ckpt")
         loaded = load_checkpoint(ckpt, allow_pickle=allow_pickle)
-        arch = _custom_arch(ckpt, loaded[1])
-    elif model_name not in DIT_CONFIGS:
+        return _custom_arch(ckpt, loaded[1]), loaded
+    if model_name not in DIT_CONFIGS:
         raise CheckpointError(
             f"--model {model_name} is unknown; choose one of {', '.join(DIT_CONFIGS)} or {CUSTOM_MODEL}"
         )
-    else:
-        arch = DIT_CONFIGS[model_name]
-    patch = arch["patch_size"]
-    if input_size < patch or input_size % patch:
-        raise CheckpointError(
-            f"model input size {input_size} (image size / codec downsample) is not a multiple of "
-            f"the patch size {patch} of --model {model_name}"
-        )
-    if ckpt is None:
-        model = DiT(input_size=input_size, num_classes=num_classes, in_channels=in_channels or 4, **arch)
-        return model.eval(), {"kind": "init", "path": None, "weights": "init"}
+    return DIT_CONFIGS[model_name], None
 
-    state, meta = loaded or load_checkpoint(ckpt, allow_pickle=allow_pickle)
-    name = meta["path"]
-    try:
-        cfg = infer_config(state)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {name}: {e}") from None
+
+def _input_size_error(name: str, cfg: dict[str, Any], input_size: int, codec: Codec | None) -> CheckpointError:
+    """The checkpoint's grid differs from the requested one: blame the codec's factor or --image-size."""
+    want = cfg["input_size"]
+    if codec is None or codec.downsample == 1:
+        return CheckpointError(
+            f"checkpoint {name} has {cfg['num_tokens']} position tokens (model input size {want}) "
+            f"but the requested model input size is {input_size} (check --image-size)"
+        )
+    factor, image_size = codec.downsample, input_size * codec.downsample
+    ratio, rest = divmod(image_size, want)
+    fitting_vae = ratio > 1 and not rest and not ratio & (ratio - 1)  # VAE factors are powers of two
+    other_factor = f"a VAE with factor {ratio} or " if fitting_vae else ""
+    return CheckpointError(
+        f"checkpoint {name} takes {want}x{want} latents, but --image-size {image_size} through {codec.source} "
+        f"(downsampling factor {factor}) gives {input_size}x{input_size}; use {other_factor}"
+        f"--image-size {want * factor}"
+    )
+
+
+def _label_dropout(name: str, rows: int, num_classes: int) -> float:
+    """The label dropout the checkpoint was trained with, read from its label rows (a null row or none)."""
+    if rows == num_classes + 1:
+        return CLASS_DROPOUT_PROB  # a null-label row exists, so training used label dropout
+    if rows == num_classes:
+        return 0.0  # trained without label dropout: no null label, no guidance possible
+    raise CheckpointError(
+        f"checkpoint {name} has {rows} label rows (num_classes={rows - 1}) but --num-classes is {num_classes}"
+    )
+
+
+def _check_fit(
+    name: str,
+    cfg: dict[str, Any],
+    model_name: str,
+    arch: dict[str, int],
+    input_size: int,
+    in_channels: int | None,
+    codec: Codec | None,
+) -> None:
+    """One line for the first way the checkpoint's architecture disagrees with the request."""
     if (cfg["depth"], cfg["hidden_size"]) != (arch["depth"], arch["hidden_size"]):
         found = _arch_name(cfg["depth"], cfg["hidden_size"], cfg["patch_size"])
         raise CheckpointError(
             f"checkpoint {name} is {found} (depth {cfg['depth']}, width {cfg['hidden_size']}) but --model "
             f"{model_name} has depth {arch['depth']}, width {arch['hidden_size']}"
         )
-    if cfg["patch_size"] != patch:
+    if cfg["patch_size"] != arch["patch_size"]:
         raise CheckpointError(
-            f"checkpoint {name} has patch size {cfg['patch_size']} but --model {model_name} uses patch {patch}"
+            f"checkpoint {name} has patch size {cfg['patch_size']} but --model {model_name} uses patch "
+            f"{arch['patch_size']}"
         )
     if in_channels is not None and cfg["in_channels"] != in_channels:
         raise CheckpointError(
@@ -280,30 +338,13 @@ def build_model(
             "(check --vae)"
         )
     if cfg["input_size"] != input_size:
-        raise CheckpointError(
-            f"checkpoint {name} has {cfg['num_tokens']} position tokens "
-            f"(model input size {cfg['input_size']}) "
-            f"but the requested model input size is {input_size} (check --image-size)"
-        )
-    rows = cfg["label_rows"]
-    if rows == num_classes + 1:
-        dropout = CLASS_DROPOUT_PROB  # a null-label row exists, so training used label dropout
-    elif rows == num_classes:
-        dropout = 0.0  # trained without label dropout: no null label, no guidance possible
-    else:
-        raise CheckpointError(
-            f"checkpoint {name} has {rows} label rows (num_classes={rows - 1}) but --num-classes is {num_classes}"
-        )
-    with torch.device("meta"):  # no init work: every tensor comes from the checkpoint
-        model = DiT(
-            input_size=input_size,
-            in_channels=cfg["in_channels"],
-            num_classes=num_classes,
-            learn_sigma=cfg["learn_sigma"],
-            mlp_ratio=cfg["mlp_ratio"] or 4.0,
-            class_dropout_prob=dropout,
-            **arch,
-        )
+        raise _input_size_error(name, cfg, input_size, codec)
+
+
+def _load_weights(state: dict[str, torch.Tensor], name: str, model_name: str, **dit_kwargs: Any) -> DiT:
+    """A DiT built on the meta device (no init work) that takes the checkpoint's tensors, as float32."""
+    with torch.device("meta"):
+        model = DiT(**dit_kwargs)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatch inside a block (e.g. another MLP width)
@@ -317,6 +358,57 @@ def build_model(
             f"(e.g. {', '.join(problems[:_MAX_KEYS_SHOWN])})"
         )
     model = model.float()
+    model.t_embedder.reset_frequencies()  # a non-persistent buffer: still on the meta device after the load
+    return model
+
+
+def build_model(
+    model_name: str,
+    ckpt: str | os.PathLike | None,
+    input_size: int,
+    num_classes: int,
+    allow_pickle: bool = False,
+    in_channels: int | None = None,
+    codec: Codec | None = None,
+) -> tuple[DiT, dict]:
+    """Build ``model_name`` for an ``input_size`` grid (latent or pixel) and load ``ckpt`` into it.
+
+    in_channels and learn_sigma come from the checkpoint; pass ``in_channels`` (the codec's latent
+    channels) to have it checked, and ``codec`` (the codec the inputs come from) to have a grid that differs
+    from the checkpoint's explained by the codec's flag and downsampling factor. ``ckpt=None`` gives a freshly
+    initialised model (4 channels unless given). The model is returned in eval mode on the CPU.
+    """
+    arch, loaded = _requested_arch(model_name, ckpt, allow_pickle)
+    patch = arch["patch_size"]
+    if input_size < patch or input_size % patch:
+        raise CheckpointError(
+            f"model input size {input_size} (image size / codec downsample) is not a multiple of "
+            f"the patch size {patch} of --model {model_name}"
+        )
+    if ckpt is None:
+        model = DiT(input_size=input_size, num_classes=num_classes, in_channels=in_channels or LATENT_CHANNELS, **arch)
+        return model.eval(), {"kind": "init", "path": None, "weights": "init"}
+
+    state, meta = loaded or load_checkpoint(ckpt, allow_pickle=allow_pickle)
+    name = meta["path"]
+    try:
+        cfg = infer_config(state)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {name}: {e}") from None
+    _check_fit(name, cfg, model_name, arch, input_size, in_channels, codec)
+    dropout = _label_dropout(name, cfg["label_rows"], num_classes)
+    model = _load_weights(
+        state,
+        name,
+        model_name,
+        input_size=input_size,
+        in_channels=cfg["in_channels"],
+        num_classes=num_classes,
+        learn_sigma=cfg["learn_sigma"],
+        mlp_ratio=cfg["mlp_ratio"] or MLP_RATIO,
+        class_dropout_prob=dropout,
+        **arch,
+    )
     meta["inferred"] = cfg
     meta["null_label"] = dropout > 0
     return model.eval(), meta

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, atomic_write
+from models.checkpoints import CUSTOM_MODEL
 from models.dit import DIT_CONFIGS, DiT
 
 PERTURB_STD = 0.02
-CUSTOM = "custom"
 
 
 def untrained_dit(
@@ -32,7 +35,7 @@ def untrained_dit(
     **arch: int,
 ) -> tuple[DiT, dict]:
     """A randomly initialised DiT and its architecture config (registry name or `custom` + sizes)."""
-    dims = dict(arch) if model == CUSTOM else dict(DIT_CONFIGS[model])
+    dims = dict(arch) if model == CUSTOM_MODEL else dict(DIT_CONFIGS[model])
     torch.manual_seed(seed)
     net = DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma, **dims)
     with torch.no_grad():
@@ -51,19 +54,21 @@ def untrained_dit(
 
 
 def save_checkpoint(net: DiT, config: dict, out: str | os.PathLike) -> Path:
+    """Write ``{"ema", "config", "note"}`` (the train.py layout that models.checkpoints reads) to ``out``."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    torch.save({"ema": state, "config": config, "note": "UNTRAINED random weights"}, out)
+    with atomic_write(out) as f:  # creates the parent folder; never a half-written file under `out`
+        torch.save({"ema": state, "config": config, "note": "UNTRAINED random weights"}, f)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: build the model and write the checkpoint."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--out", required=True, help="checkpoint path to write")
-    p.add_argument("--model", default="DiT-S/4", choices=[*DIT_CONFIGS, CUSTOM])
+    p.add_argument("--model", default="DiT-S/4", choices=[*DIT_CONFIGS, CUSTOM_MODEL])
     p.add_argument("--image-size", type=int, default=32, help="pixel-space input size")
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=10)
@@ -75,9 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     arch = dict(depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads, patch_size=a.patch_size)
     net, config = untrained_dit(
-        a.model, a.image_size, a.channels, a.num_classes, seed=a.seed, **(arch if a.model == CUSTOM else {})
+        a.model, a.image_size, a.channels, a.num_classes, seed=a.seed, **(arch if a.model == CUSTOM_MODEL else {})
     )
-    path = save_checkpoint(net, config, a.out)
+    try:
+        path = save_checkpoint(net, config, a.out)
+    except FileWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     print(f"wrote {path}: {a.model} with UNTRAINED random weights (samples will not look like anything)")
 
 

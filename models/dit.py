@@ -3,7 +3,9 @@
 Parameter names follow the official release (``x_embedder.proj``, ``t_embedder.mlp.{0,2}``,
 ``y_embedder.embedding_table``, ``blocks.{i}.attn.{qkv,proj}``, ``blocks.{i}.mlp.{fc1,fc2}``,
 ``blocks.{i}.adaLN_modulation.1``, ``final_layer.{linear,adaLN_modulation.1}``, ``pos_embed``), so an
-official state dict loads with ``strict=True``.
+official state dict loads with ``strict=True``. As in the official code, the patch embedding, attention and
+MLP are timm's ``PatchEmbed``, ``Attention`` and ``Mlp``; attention always takes the fused
+``F.scaled_dot_product_attention`` path so that the bytes of a sample do not depend on ``$TIMM_FUSED_ATTN``.
 
 Shapes: B batch, C channels, H = W = input_size, p patch, T = (H/p)^2 tokens, D hidden size.
 """
@@ -15,7 +17,7 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from timm.layers import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from models.pos_embed import sincos_2d
@@ -27,6 +29,11 @@ EMBED_INIT_STD = 0.02  # normal init of the label table and the t-MLP weights
 NUM_ADALN_CHUNKS_BLOCK = 6  # shift/scale/gate for attention and for the MLP
 NUM_ADALN_CHUNKS_FINAL = 2  # shift/scale before the final linear
 CLASS_DROPOUT_PROB = 0.1  # default label dropout for classifier-free guidance training
+MLP_RATIO = 4.0  # MLP hidden width / model width
+LATENT_CHANNELS = 4  # the SD VAE's latent channels: the official in_channels
+NUM_CLASSES = 1000  # ImageNet-1k: the official num_classes
+
+_gelu_tanh = functools.partial(nn.GELU, approximate="tanh")  # the MLP activation of the official DiT
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -34,72 +41,35 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
-    """Sinusoidal features of (possibly fractional) timesteps t [B] -> [B, dim], ordered [cos | sin].
+def timestep_frequencies(dim: int, max_period: float = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
+    """freq_i = exp(-ln(max_period) * i / half), i = 0..half-1 -> float32 [dim // 2], computed on the CPU.
 
-    freq_i = exp(-ln(max_period) * i / half), i = 0..half-1 (float32, as the official GLIDE/DiT code).
+    Float32 on the CPU, as the official GLIDE/DiT code, so the bits do not depend on the device.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-    args = t[:, None].float() * freqs[None]  # [B, half]
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, freqs: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps t [B] -> [B, dim], ordered [cos | sin].
+
+    ``freqs``: :func:`timestep_frequencies` ``(dim)`` on ``t``'s device. An odd ``dim`` gets a zero last column.
+    """
+    args = t[:, None].float() * freqs[None]  # [B, dim // 2]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens: [B, C, H, W] -> [B, T, D] (a strided conv ``proj``)."""
-
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int) -> None:
-        super().__init__()
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(
-                f"DiT input is {tuple(x.shape[-2:])} but the model was built for input_size {self.input_size}"
-            )
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, T, D]
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (scaled dot product, Vaswani et al.)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, heads, T, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
-
-
-class Mlp(nn.Module):
-    """Position-wise feed-forward: fc1 -> GELU (tanh approximation) -> fc2."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=True)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class TimestepEmbedder(nn.Module):
-    """t [B] -> sinusoidal features [B, 256] -> Linear-SiLU-Linear -> [B, D]."""
+    """t [B] -> sinusoidal features [B, 256] -> Linear-SiLU-Linear -> [B, D].
+
+    The frequencies live in a non-persistent buffer (not in the state dict, so the official keys stay the
+    same), built once: a forward makes no host-to-device copy. The buffer holds the float32 bit pattern as
+    int32, because integer buffers follow ``.to(device)`` but not ``.to(dtype)``/``.half()``: the phases are
+    computed from the same float32 frequencies whatever the parameters' dtype.
+    """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE) -> None:
         super().__init__()
@@ -109,9 +79,21 @@ class TimestepEmbedder(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
+        self.register_buffer("freq_bits", torch.empty(0, dtype=torch.int32), persistent=False)
+        self.reset_frequencies()
+
+    def reset_frequencies(self) -> None:
+        """(Re)build the frequency buffer on the t-MLP's device; call it after loading a meta-built model."""
+        freqs = timestep_frequencies(self.frequency_embedding_size)
+        self.freq_bits = freqs.view(torch.int32).to(self.mlp[0].weight.device)
+
+    def frequencies(self) -> torch.Tensor:
+        """The float32 frequencies [256 // 2] on the module's device (a view of the buffer, no copy)."""
+        return self.freq_bits.view(torch.float32)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # float32 features, as official
+        """t [B] (possibly fractional) -> [B, D]."""
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, self.frequencies())  # float32
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -134,6 +116,7 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """labels [B] -> [B, D]; dropped to the null label when training (at random) or where forced."""
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -142,18 +125,20 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (DiT paper, Sec. 3.2)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = MLP_RATIO) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn.fused_attn = True  # F.scaled_dot_product_attention whatever $TIMM_FUSED_ATTN says: same bytes
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, hidden_features=int(hidden_size * mlp_ratio), act_layer=_gelu_tanh, drop=0.0)
         self.adaLN_modulation = nn.Sequential(
             nn.SiLU(), nn.Linear(hidden_size, NUM_ADALN_CHUNKS_BLOCK * hidden_size, bias=True)
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x [B, T, D], c [B, D]; chunk order fixed by the official checkpoints.
+        """Tokens x [B, T, D] conditioned on c [B, D] -> [B, T, D]."""
+        # chunk order fixed by the official checkpoints
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             NUM_ADALN_CHUNKS_BLOCK, dim=1
         )
@@ -174,6 +159,7 @@ class FinalLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens x [B, T, D] conditioned on c [B, D] -> [B, T, p*p*out_channels]."""
         shift, scale = self.adaLN_modulation(c).chunk(NUM_ADALN_CHUNKS_FINAL, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*out]
 
@@ -188,13 +174,13 @@ class DiT(nn.Module):
         self,
         input_size: int = 32,
         patch_size: int = 2,
-        in_channels: int = 4,
+        in_channels: int = LATENT_CHANNELS,
         hidden_size: int = 1152,
         depth: int = 28,
         num_heads: int = 16,
-        mlp_ratio: float = 4.0,
+        mlp_ratio: float = MLP_RATIO,
         class_dropout_prob: float = CLASS_DROPOUT_PROB,
-        num_classes: int = 1000,
+        num_classes: int = NUM_CLASSES,
         learn_sigma: bool = True,
     ) -> None:
         super().__init__()
@@ -217,7 +203,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos embedding, kept as a frozen parameter so it is saved in the state dict.
@@ -253,10 +239,11 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, p*p*c] -> [B, c, h*p, w*p]; each token's features are ordered (p_row, p_col, c)."""
-        p, c, g = self.patch_size, self.out_channels, self.x_embedder.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
+        p, c = self.patch_size, self.out_channels
+        h, w = self.x_embedder.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, c)
         x = x.permute(0, 5, 1, 3, 2, 4)  # [B, c, h, p, w, p]
-        return x.reshape(x.shape[0], c, g * p, g * p)
+        return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None

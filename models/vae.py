@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -39,15 +40,45 @@ class CodecError(Exception):
 
 
 def to_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
-    """Images [B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] on the CPU (DiT/ADM mapping)."""
+    """Images [B, C, H, W] in [-1, 1] -> contiguous uint8 [B, H, W, C] on the CPU (DiT/ADM mapping).
+
+    The mapping and the uint8 conversion run on ``x``'s device, so a GPU sends the host one byte per pixel
+    value instead of four (a float tensor copied to the host with a dtype change is converted on the host).
+    """
     x = torch.clamp(UINT8_SCALE * x.float() + UINT8_OFFSET, 0, UINT8_MAX)
-    return x.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
-class PixelCodec:
+class Codec(ABC):
+    """Maps model space to images and back. ``downsample``: image side / model input side; ``source``: the
+    command-line setting that chose it (named in error messages)."""
+
+    downsample: int = 1
+    latent_channels: int
+    source: str
+
+    def latent_size(self, image_size: int) -> int:
+        """The model input side for ``image_size`` pixels, or a one-line :class:`CodecError`."""
+        if image_size < self.downsample or image_size % self.downsample:
+            raise CodecError(
+                f"--image-size {image_size} is not a multiple of the downsampling factor {self.downsample} of "
+                f"{self.source}; use a multiple of {self.downsample}"
+            )
+        return image_size // self.downsample
+
+    @abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model outputs [B, C, h, w] -> uint8 images [B, H, W, 3] on the CPU."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] -> model inputs."""
+
+
+class PixelCodec(Codec):
     """Identity codec for pixel-space models (``--vae none``); 1-channel images decode to grey RGB."""
 
-    downsample = 1
+    source = f"--vae {CODEC_NONE}"
 
     def __init__(self, image_channels: int = RGB_CHANNELS) -> None:
         if image_channels not in PIXEL_CHANNEL_CHOICES:
@@ -64,18 +95,19 @@ class PixelCodec:
         return x.float()
 
 
-class LatentCodec:
+class LatentCodec(Codec):
     """diffusers ``AutoencoderKL`` with DiT's latent scaling; ``downsample`` from the VAE config."""
 
-    def __init__(self, vae: Any, device: torch.device | str = "cpu") -> None:
+    def __init__(self, vae: Any, device: torch.device | str = "cpu", source: str = "--vae") -> None:
         self.vae = vae
         self.device = torch.device(device)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)  # one 2x step per extra block
         self.latent_channels = int(vae.config.latent_channels)
+        self.source = source
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, 4, h, w] -> uint8 [B, h*ds, w*ds, 3] (CPU)."""
+        """Scaled latents [B, 4, h, w] -> uint8 [B, h*ds, w*ds, 3] (CPU); uint8 made on the VAE's device."""
         z = (z / VAE_SCALE_FACTOR).to(self.device, dtype=self.vae.dtype)
         return to_uint8_nhwc(self.vae.decode(z).sample)
 
@@ -148,7 +180,7 @@ def load_codec(
     device: torch.device | str = "cpu",
     image_channels: int = RGB_CHANNELS,
     dtype: torch.dtype = torch.float32,
-) -> LatentCodec | PixelCodec:
+) -> Codec:
     """The codec for ``--vae {ema,mse,none}``; ``vae_path`` (a local diffusers folder) overrides the repo."""
     if vae not in CODEC_CHOICES:
         raise CodecError(f"--vae {vae} is unknown; choose one of {', '.join(CODEC_CHOICES)}")
@@ -156,4 +188,4 @@ def load_codec(
         return PixelCodec(image_channels)
     model = _load_vae(vae, vae_path, dtype)
     model = model.to(device=device).eval().requires_grad_(False)
-    return LatentCodec(model, device)
+    return LatentCodec(model, device, source=f"--vae-path {vae_path}" if vae_path is not None else f"--vae {vae}")

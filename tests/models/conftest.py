@@ -55,23 +55,33 @@ def tiny_model(tiny_registry) -> DiT:
     return _randomize(model).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny diffusers AutoencoderKL (4 blocks -> downsample 8, 4 latent channels) saved with save_pretrained."""
+def _save_tiny_vae(path, blocks: int):
+    """A tiny diffusers AutoencoderKL with ``blocks`` blocks (downsample 2**(blocks-1), 4 latent channels)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(8,) * blocks,
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=2,
         sample_size=32,
     )
-    path = tmp_path_factory.mktemp("tiny_vae")
     vae.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny VAE saved with save_pretrained: 4 blocks -> downsample 8 (as the SD VAE), 4 latent channels."""
+    return _save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"), blocks=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae4_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny VAE with another downsampling factor: 3 blocks -> 4."""
+    return _save_tiny_vae(tmp_path_factory.mktemp("tiny_vae4"), blocks=3)

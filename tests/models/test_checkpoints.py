@@ -210,7 +210,7 @@ def test_truncated_file(tmp_path, tiny_registry, randomize):
     data = good.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     msg = one_line_error(load_checkpoint, path)
-    assert msg == f"checkpoint {path} is truncated (zip archive without its end)"
+    assert msg == f"checkpoint {path} is truncated (zip archive without its end); {ck.REPLACE_HINT}"
 
 
 @pytest.mark.parametrize("content", [os.urandom(4096), b"", b"hello world\n"])
@@ -219,6 +219,54 @@ def test_not_a_checkpoint(tmp_path, content):
     path.write_bytes(content)
     msg = one_line_error(load_checkpoint, path)
     assert str(path) in msg and "not a PyTorch checkpoint" in msg
+
+
+def train_checkpoint(path: Path, ema: dict, model: dict | None = None) -> Path:
+    """A train.py-style checkpoint: {model, ema, opt, config, step}."""
+    opt = {"state": {}, "param_groups": []}
+    torch.save({"model": model or ema, "ema": ema, "opt": opt, "config": {}, "step": 1}, path)
+    return path
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.99])
+def test_truncated_resume_checkpoint_names_the_flag(tmp_path, tiny_registry, randomize, fraction):
+    """Issue 11 item 9: torch.load says `[Errno 22] Invalid argument` (short cuts) or `PytorchStreamReader ...`."""
+    good = train_checkpoint(tmp_path / "good.pt", make_state(tiny_registry["DiT-T/2"], 1, randomize))
+    path = tmp_path / "0001000.pt"
+    data = good.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises((OSError, RuntimeError)):  # what the user saw before
+        torch.load(path, weights_only=True)
+    msg = one_line_error(ck.read_torch_file, path, what="--resume")
+    assert msg == f"--resume {path} is truncated (zip archive without its end); {ck.REPLACE_HINT}"
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+@pytest.mark.parametrize("content", [b"hello world\n", b"step 1000 loss 0.1\n", b'{"ema": 1}\n'])
+def test_text_file_as_checkpoint_names_the_flag(tmp_path, content, allow_pickle):
+    """Issue 11 item 9: a text file made torch.load say `101` / `KeyError: 101` / `pop from empty list`."""
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(Exception):  # noqa: B017 - torch's own error, whatever its type, is what the user saw
+        torch.load(path, weights_only=not allow_pickle)
+    msg = one_line_error(ck.read_torch_file, path, allow_pickle=allow_pickle, what="--resume")
+    assert msg == (
+        f"--resume {path} is not a PyTorch checkpoint (not a zip archive; truncated or another file type); "
+        "pass a file written by torch.save or a .safetensors file"
+    )
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "locked.pt"
+    torch.save({"a": torch.zeros(1)}, path)
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        msg = one_line_error(ck.read_torch_file, path, what="--resume")
+        assert msg == f"--resume {path} is not readable (permission denied); fix its permissions"
+    finally:
+        path.chmod(0o600)
 
 
 def test_corrupt_safetensors(tmp_path):
@@ -237,9 +285,114 @@ def test_non_dit_contents(tmp_path, obj):
     assert str(path) in msg and ("not a DiT state dict" in msg or "not a state dict" in msg)
 
 
+def test_input_size_mismatch_names_the_vae_path_and_its_factor(tmp_path, tiny_registry, randomize, tiny_vae4_dir):
+    """Issue 11 item 9: a --vae-path VAE with another factor used to blame --image-size only."""
+    from models.vae import load_codec
+
+    path = tmp_path / "latent8.pt"  # an 8x8-latent model: 64 px through a factor-8 VAE
+    torch.save(make_state(tiny_registry["DiT-T/2"], 1, randomize), path)
+    codec = load_codec("ema", vae_path=tiny_vae4_dir)  # factor 4: 64 px -> 16x16 latents
+    msg = one_line_error(build_model, "DiT-T/2", path, codec.latent_size(64), 10, codec=codec)
+    assert msg == (
+        f"checkpoint {path} takes 8x8 latents, but --image-size 64 through --vae-path {tiny_vae4_dir} "
+        "(downsampling factor 4) gives 16x16; use a VAE with factor 8 or --image-size 32"
+    )
+    msg = one_line_error(build_model, "DiT-T/2", path, codec.latent_size(48), 10, codec=codec)
+    assert msg.endswith(f"through --vae-path {tiny_vae4_dir} (downsampling factor 4) gives 12x12; use --image-size 32")
+
+
 def test_bad_model_name_and_size(tiny_registry):
     assert "DiT-XL/2" in one_line_error(build_model, "DiT-Q/2", None, 32, 10)
     assert "patch size 4" in one_line_error(build_model, "DiT-T/4", None, 10, 10)
+
+
+# ---------------------------------------------------------------------------- memory-mapped loading
+
+
+def _mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    """Every torch.load call made by models.checkpoints, with its keyword arguments."""
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(ck.torch, "load", spy)
+    return calls
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_zip_checkpoint_is_memory_mapped(tmp_path, tiny_registry, randomize, load_calls):
+    """The weights of a torch.save zip archive stay in the file (page cache) instead of a private copy."""
+    ema = make_state(tiny_registry["DiT-T/2"], 2, randomize)
+    path = train_checkpoint(tmp_path / "0000100.pt", ema, model=make_state(tiny_registry["DiT-T/2"], 3, randomize))
+    model, meta = build_model("DiT-T/2", path, input_size=8, num_classes=10)
+    assert [c.get("mmap") for c in load_calls] == [True]
+    assert meta["weights"] == "ema"
+    assert_same_weights(model, ema)
+    assert str(path) in _mapped_files()  # the float32 parameters are views of the mapped file
+    del model
+    import gc
+
+    gc.collect()
+    assert str(path) not in _mapped_files()
+
+
+def test_legacy_format_loads_without_mmap(tmp_path, tiny_registry, randomize, load_calls):
+    """torch.save(_use_new_zipfile_serialization=False) files cannot be mapped: read whole, as before."""
+    ema = make_state(tiny_registry["DiT-T/2"], 4, randomize)
+    path = tmp_path / "legacy.pt"
+    torch.save({"ema": ema}, path, _use_new_zipfile_serialization=False)
+    model, _ = build_model("DiT-T/2", path, input_size=8, num_classes=10)
+    assert [c.get("mmap") for c in load_calls] == [False]
+    assert_same_weights(model, ema)
+
+
+# ------------------------------------------------------------------------------- non-finite weights
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_ema_weights_end_with_one_line(tmp_path, tiny_registry, randomize, bad_value):
+    """Issue 11 item 1: a diverged checkpoint used to sample black images and exit 0."""
+    ema = make_state(tiny_registry["DiT-T/2"], 1, randomize)
+    ema["blocks.1.attn.qkv.weight"][3, 5] = bad_value
+    path = train_checkpoint(tmp_path / "diverged.pt", ema, model=make_state(tiny_registry["DiT-T/2"], 2, randomize))
+    msg = one_line_error(build_model, "DiT-T/2", path, input_size=8, num_classes=10)
+    assert msg == (
+        f"checkpoint {path} has NaN or Inf in 1 of {len(ema)} tensors of its ema weights "
+        "(first: blocks.1.attn.qkv.weight); the run that wrote it diverged: use an earlier checkpoint"
+    )
+    torch.save(ema, path)  # a raw state dict
+    assert "of its raw weights" in one_line_error(load_checkpoint, path)
+
+
+def test_only_the_used_weights_are_checked(tmp_path, tiny_registry, randomize):
+    """NaN in the live `model` weights does not matter when the `ema` weights are used."""
+    ema = make_state(tiny_registry["DiT-T/2"], 1, randomize)
+    live = {k: torch.full_like(v, float("nan")) for k, v in ema.items()}
+    path = train_checkpoint(tmp_path / "ok.pt", ema, model=live)
+    model, meta = build_model("DiT-T/2", path, input_size=8, num_classes=10)
+    assert meta["weights"] == "ema"
+    assert_same_weights(model, ema)
+
+
+def test_nonfinite_keys_vs_numpy():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    state = {f"t{i}": torch.randn(4, 4, generator=g) for i in range(6)}
+    state["t1"][0, 0] = float("-inf")
+    state["t4"] = state["t4"].half()
+    state["t4"][2, 1] = float("nan")
+    state["ints"] = torch.arange(3)
+    expected = [k for k, v in state.items() if not np.isfinite(v.double().numpy()).all()]
+    assert ck.nonfinite_keys(state) == expected == ["t1", "t4"]
 
 
 # ------------------------------------------------------------------------------- official download

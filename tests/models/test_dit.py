@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.dit import DIT_CONFIGS, DiT, DiT_models, timestep_embedding
+from models.dit import DIT_CONFIGS, DiT, DiT_models, timestep_embedding, timestep_frequencies
 
 # The 12 configurations of the DiT paper: (depth, hidden, heads) per size, patch 2/4/8.
 PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -139,12 +140,12 @@ def test_timestep_embedding_vs_numpy():
     freqs = np.exp(-math.log(10000.0) * np.arange(half) / half)
     args = t[:, None] * freqs[None]
     expected = np.concatenate([np.cos(args), np.sin(args)], axis=1)  # [cos | sin]
-    got = timestep_embedding(torch.tensor(t), FREQ_DIM).numpy()
+    got = timestep_embedding(torch.tensor(t), FREQ_DIM, timestep_frequencies(FREQ_DIM)).numpy()
     assert got.shape == (5, FREQ_DIM) and got.dtype == np.float32
     # float32 arguments (as the official code): error <= |t| * eps32 in the phase
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
     np.testing.assert_allclose(got[:3], expected[:3], rtol=0, atol=2e-6)
-    odd = timestep_embedding(torch.tensor([3.0]), 7)
+    odd = timestep_embedding(torch.tensor([3.0]), 7, timestep_frequencies(7))
     assert odd.shape == (1, 7) and odd[0, -1] == 0
 
 
@@ -264,24 +265,28 @@ def test_label_dropout_training_and_forced(tiny_model):
     assert not torch.allclose(cond, uncond)
 
 
-def test_building_blocks_match_timm(randomize):
-    """Same weights in timm's Attention / Mlp / PatchEmbed (what the official code uses) give the same output."""
-    from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+def test_building_blocks_are_timms_with_fused_attention(monkeypatch, randomize):
+    """timm's PatchEmbed / Attention / Mlp (as the official code); attention fused even if timm's default is off."""
+    import timm.layers
+    import timm.layers.config
 
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)  # what TIMM_FUSED_ATTN=0 sets
     model = randomize(DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4), seed=5).eval()
     block = model.blocks[0]
+    assert isinstance(model.x_embedder, timm.layers.PatchEmbed)
+    assert isinstance(block.attn, timm.layers.Attention) and isinstance(block.mlp, timm.layers.Mlp)
+    assert block.attn.fused_attn
     tokens = torch.randn(2, 16, 32)
-    ref_attn = Attention(32, num_heads=4, qkv_bias=True)
-    ref_attn.load_state_dict(block.attn.state_dict(), strict=True)
-    ref_mlp = Mlp(in_features=32, hidden_features=128, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
-    ref_mlp.load_state_dict(block.mlp.state_dict(), strict=True)
-    ref_patch = PatchEmbed(8, 2, 4, 32, bias=True)
-    ref_patch.load_state_dict(model.x_embedder.state_dict(), strict=True)
-    img = torch.randn(2, 4, 8, 8)
+    q, k, v = block.attn.qkv(tokens).reshape(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    heads_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [B, heads, T, head_dim]
+    expected = block.attn.proj(heads_out.transpose(1, 2).reshape(2, 16, 32))
     with torch.no_grad():
-        torch.testing.assert_close(block.attn(tokens), ref_attn(tokens), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(block.mlp(tokens), ref_mlp(tokens), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(model.x_embedder(img), ref_patch(img), atol=1e-6, rtol=1e-5)
+        assert torch.equal(block.attn(tokens), expected)
+
+
+def test_wrong_input_size_names_both_sizes(tiny_model):
+    with pytest.raises(AssertionError, match=r"\(16\).*\(8\)"):
+        tiny_model(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([0]))
 
 
 def test_pos_embed_gets_no_gradient(tiny_model):
@@ -290,3 +295,58 @@ def test_pos_embed_gets_no_gradient(tiny_model):
     out.square().mean().backward()
     assert tiny_model.pos_embed.grad is None
     assert tiny_model.blocks[0].adaLN_modulation[1].weight.grad is not None
+
+
+# --------------------------------------------------------------------------- no host round trips
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Records every host-to-device copy and every host sync (``.item()``-style) dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.events.append(f"host sync: {func}")
+        elif func is torch.ops.aten._to_copy.default:
+            target = kwargs.get("device")
+            if args[0].device.type == "cpu" and target is not None and torch.device(target).type != "cpu":
+                self.events.append(f"host-to-device: {func} -> {target}")
+        elif func is torch.ops.aten.copy_.default:
+            dst, src = args[0], args[1]
+            if src.device.type == "cpu" and dst.device.type != "cpu":
+                self.events.append(f"host-to-device: {func} -> {dst.device}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_makes_no_host_copy_and_no_host_sync(training):
+    """On a non-CPU device (meta stands in for a GPU) a forward never copies from the host nor reads a scalar back."""
+    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10).to("meta")
+    model.train(training)
+    x = torch.empty(3, 4, 8, 8, device="meta")
+    t = torch.empty(3, device="meta")
+    y = torch.empty(3, dtype=torch.long, device="meta")
+    with _HostTraffic() as traffic:
+        out = model(x, t, y)
+        model(x, t, y, force_drop_ids=torch.ones(3, dtype=torch.long, device="meta"))
+    assert out.shape == (3, 8, 8, 8) and out.device.type == "meta"
+    assert traffic.events == []
+
+
+def test_timestep_frequencies_are_a_non_persistent_float32_buffer():
+    """Not in the state dict (official keys unchanged); float32 through dtype casts; rebuilt after a meta load."""
+    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=10)
+    assert not any("freq" in k for k in model.state_dict())
+    expected = np.exp(-math.log(10000.0) * np.arange(FREQ_DIM // 2, dtype=np.float32) / (FREQ_DIM // 2))
+    for cast in (torch.float64, torch.bfloat16, torch.float32):
+        np.testing.assert_allclose(model.to(cast).t_embedder.frequencies().numpy(), expected, rtol=1e-6)
+    state = model.state_dict()
+    with torch.device("meta"):
+        fresh = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=10)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    fresh.t_embedder.reset_frequencies()
+    assert torch.equal(fresh.t_embedder.frequencies(), model.t_embedder.frequencies())
