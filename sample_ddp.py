@@ -35,9 +35,9 @@ from evaluation.batches import BatchError, PngWriter, index_filename, pack_folde
 from launch import dist, preempt, rundir, shard
 from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
 from launch.files import FileWriteError, atomic_write, available_cpus, file_sha256, remove_stale_temps
-from models.checkpoints import CheckpointError, build_model, official_checkpoint
+from models.checkpoints import CheckpointError, build_model, checkpoint_channels, load_checkpoint, official_checkpoint
 from models.dit import DiT_models
-from models.vae import CODEC_CHOICES, CODEC_NONE, CodecError, load_codec
+from models.vae import CODEC_CHOICES, CODEC_NONE, PIXEL_CHANNEL_CHOICES, Codec, CodecError, load_codec
 
 SAMPLERS = ("ddpm", "ddim")
 PRECISIONS = ("fp32", "bf16")
@@ -231,19 +231,19 @@ def _autocast(cfg: SampleConfig, device: torch.device) -> contextlib.AbstractCon
 # --------------------------------------------------------------------------------------------- network
 
 
-def load_network(cfg: SampleConfig, device: torch.device) -> tuple[torch.nn.Module, object, str, dict]:
-    """Model and codec on `device`; on each node one process downloads first, the others then read the cache."""
+def load_network(cfg: SampleConfig, device: torch.device) -> tuple[torch.nn.Module, Codec, str, dict]:
+    """Model and codec on `device`: the checkpoint is read first (its channels choose the pixel codec), the
+    codec loaded once. On each node one process downloads first; the others then read the cache."""
     ckpt = cfg.ckpt or str(dist.node_first(lambda: official_checkpoint(cfg.image_size), f"dit-{cfg.image_size}"))
-    codec = dist.node_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=device), f"vae-{cfg.vae}")
-    if cfg.image_size % codec.downsample:
-        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's factor {codec.downsample}")
-    model, meta = build_model(cfg.model, ckpt, cfg.image_size // codec.downsample, cfg.num_classes,
-                              allow_pickle=cfg.allow_pickle)
-    if cfg.vae == CODEC_NONE:
-        codec = load_codec(CODEC_NONE, device=device, image_channels=model.in_channels)
-    if model.in_channels != codec.latent_channels:
-        raise ConfigError(f"checkpoint {ckpt} has {model.in_channels} input channels but --vae {cfg.vae} gives "
-                          f"{codec.latent_channels}; use --vae none for pixel-space models")
+    loaded = load_checkpoint(ckpt, allow_pickle=cfg.allow_pickle)
+    channels = checkpoint_channels(loaded[0], ckpt)
+    if cfg.vae == CODEC_NONE and channels not in PIXEL_CHANNEL_CHOICES:
+        raise ConfigError(f"checkpoint {ckpt} has {channels} input channels: a latent model; pass --vae ema or mse")
+    codec = dist.node_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=device, image_channels=channels),
+                            f"vae-{cfg.vae}")
+    model, meta = build_model(cfg.model, ckpt, codec.latent_size(cfg.image_size), cfg.num_classes,
+                              allow_pickle=cfg.allow_pickle, in_channels=codec.latent_channels, codec=codec,
+                              loaded=loaded)
     _check_class_map(meta, cfg)
     model = model.to(device).eval().requires_grad_(False)
     if cfg.compile:

@@ -100,12 +100,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False)
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the parent is a file: no temporary was made
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, FileWriteError):
             raise
         raise FileWriteError(f"cannot write {path}: {os_reason(exc)}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 

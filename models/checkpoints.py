@@ -266,13 +266,14 @@ def _custom_arch(ckpt: str | os.PathLike, meta: dict) -> dict[str, int]:
 
 
 def _requested_arch(
-    model_name: str, ckpt: str | os.PathLike | None, allow_pickle: bool
+    model_name: str, ckpt: str | os.PathLike | None, allow_pickle: bool,
+    loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> tuple[dict[str, int], tuple[dict[str, torch.Tensor], dict] | None]:
     """(depth, hidden_size, patch_size, num_heads) of ``--model``, and the checkpoint if reading it was needed."""
     if model_name == CUSTOM_MODEL:
         if ckpt is None:
             raise CheckpointError(f"--model {CUSTOM_MODEL} takes its architecture from a checkpoint; pass --ckpt")
-        loaded = load_checkpoint(ckpt, allow_pickle=allow_pickle)
+        loaded = loaded or load_checkpoint(ckpt, allow_pickle=allow_pickle)
         return _custom_arch(ckpt, loaded[1]), loaded
     if model_name not in DIT_CONFIGS:
         raise CheckpointError(
@@ -362,6 +363,14 @@ def _load_weights(state: dict[str, torch.Tensor], name: str, model_name: str, **
     return model
 
 
+def checkpoint_channels(state: dict[str, torch.Tensor], name: str | os.PathLike) -> int:
+    """The input channels of a loaded checkpoint (what its patch embedding takes)."""
+    try:
+        return int(infer_config(state)["in_channels"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {name}: {e}") from None
+
+
 def build_model(
     model_name: str,
     ckpt: str | os.PathLike | None,
@@ -370,15 +379,17 @@ def build_model(
     allow_pickle: bool = False,
     in_channels: int | None = None,
     codec: Codec | None = None,
+    loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> tuple[DiT, dict]:
     """Build ``model_name`` for an ``input_size`` grid (latent or pixel) and load ``ckpt`` into it.
 
     in_channels and learn_sigma come from the checkpoint; pass ``in_channels`` (the codec's latent
     channels) to have it checked, and ``codec`` (the codec the inputs come from) to have a grid that differs
     from the checkpoint's explained by the codec's flag and downsampling factor. ``ckpt=None`` gives a freshly
-    initialised model (4 channels unless given). The model is returned in eval mode on the CPU.
+    initialised model (4 channels unless given). ``loaded``: what ``load_checkpoint(ckpt)`` returned, when the
+    caller has read it already (the file is then not read again). The model is returned in eval mode on the CPU.
     """
-    arch, loaded = _requested_arch(model_name, ckpt, allow_pickle)
+    arch, loaded = _requested_arch(model_name, ckpt, allow_pickle, loaded)
     patch = arch["patch_size"]
     if input_size < patch or input_size % patch:
         raise CheckpointError(

@@ -36,8 +36,12 @@ def run_sampler(nproc: int, args: list[str], timeout: float = 180,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_sampler(nproc: int, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(sampler_cmd(nproc, args), cwd=ROOT, env=sampler_env(), stdout=subprocess.PIPE,
+def start_sampler(nproc: int, args: list[str], launcher: str = "torch.distributed.run") -> subprocess.Popen:
+    """Start the sampler (under `python -m <launcher>` when nproc > 1) in its own session."""
+    cmd = sampler_cmd(nproc, args)
+    if nproc > 1:
+        cmd[2] = launcher
+    return subprocess.Popen(cmd, cwd=ROOT, env=sampler_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

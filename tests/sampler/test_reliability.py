@@ -189,16 +189,8 @@ def test_the_first_failing_rank_is_reported(tmp_path, monkeypatch):
 
 def test_sigusr1_to_the_launcher_reaches_the_workers(sampler, tmp_path):
     """Plain torchrun dies of SIGUSR1 and orphans its workers; launch.torchrun passes it on (exit 3)."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT, sampler_env
-
     args = sampler.pixel_args(tmp_path, 16, 2, steps=STEPS)
-    cmd = [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
-           "sample_ddp.py", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=sampler_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = sampler.start(2, args, launcher="launch.torchrun")
     try:
         sampler.wait_for_files(tmp_path, "*/[0-9]*.png", 2)
         proc.send_signal(signal.SIGUSR1)
