@@ -77,18 +77,21 @@ class SampleNoise:
 class NoiseDraws:
     """`count` draws of a SampleNoise shaped like `like`, produced ahead of use.
 
-    For a CPU target each draw is made when asked (nothing to overlap). For another device (CUDA, meta) a
-    background thread draws up to PREFETCH_DEPTH draws ahead (into pinned memory for CUDA) and __next__
-    issues a non-blocking copy: the loop never waits on a host-to-device copy. Only this object's thread
-    touches the generators until close(), and it draws exactly `count`, so every stream stays in step.
+    For a CPU target each draw is made when asked (nothing to overlap; `background` overrides the choice).
+    For another device (CUDA, meta) a background thread draws up to PREFETCH_DEPTH draws ahead (into pinned
+    memory for CUDA) and __next__ issues a non-blocking copy: the loop never waits on a host-to-device copy.
+    Only this object's thread touches the generators until close(), and it draws exactly `count`, so every
+    stream stays in step.
     """
 
-    def __init__(self, source: SampleNoise, like: torch.Tensor, count: int) -> None:
+    def __init__(self, source: SampleNoise, like: torch.Tensor, count: int, background: bool | None = None) -> None:
         self.source, self.shape = source, tuple(like.shape[1:])
         self.device, self.dtype = like.device, like.dtype
         self.remaining = count
         self._thread: threading.Thread | None = None
-        if self.device.type != CPU and count > 0:
+        if background is None:
+            background = self.device.type != CPU
+        if background and count > 0:
             self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._produce, args=(count,), name="noise-prefetch", daemon=True)
@@ -99,7 +102,7 @@ class NoiseDraws:
         for _ in range(count):
             try:
                 item: torch.Tensor | BaseException = self.source.draw(self.shape, pin)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            except BaseException as exc:  # handed to the consumer, which re-raises it
                 item = exc
             while not self._stop.is_set():
                 try:
