@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion import create_diffusion, guided_model
 from diffusion.rng import SampleNoise
+from diffusion.samplers import STOCHASTIC, Sampler
 
 aten = torch.ops.aten
 META = torch.device("meta")
@@ -115,3 +116,22 @@ def test_initial_noise_crosses_without_blocking():
     with _Recorder() as recorder:
         noise.randn((C, H, H), META)
     assert recorder.traffic.blocking == [] and recorder.traffic.non_blocking == 1
+
+
+# UniPC is left out: diffusers' UniPCMultistepScheduler.step builds its coefficients with torch.tensor(...,
+# device=...) (about 5 small blocking copies per step), inside the library.
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun"])
+def test_named_samplers_make_no_blocking_copy_or_host_sync(name):
+    sampler = Sampler(name, STEPS)
+    fn = guided_model(_meta_model(), 1.5, NUM_CLASSES, "first3", (200.0, 700.0))
+    y = torch.zeros(B, dtype=torch.long, device=META)
+    z, noise = _start()
+    with _Recorder():  # warm-up, as above
+        sampler(fn, z, noise=noise, model_kwargs={"y": y})
+    z, noise = _start()
+    with _Recorder() as recorder:
+        sampler(fn, z, noise=noise, model_kwargs={"y": y})
+    traffic = recorder.traffic
+    assert traffic.blocking == [] and traffic.syncs == []
+    draws = {"ddpm": STEPS - 1, "ddim": 0}.get(name, sampler.nfe if name in STOCHASTIC else 0)
+    assert traffic.non_blocking == draws
