@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.sampling import ModelFn
 from diffusion.schedules import DiffusionError
 
 DDIM_PREFIX = "ddim"
