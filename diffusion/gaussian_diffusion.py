@@ -1,16 +1,18 @@
 """Gaussian diffusion (DDPM / improved DDPM / DDIM) with ADM's semantics.
 
 Schedule arrays are float64 numpy [T]; they are cast to float32 tensors where used (float64 when the
-data are float64). Timesteps t are indices 0..T-1 into those arrays. Sampling loops never touch the
-global RNG: every fresh normal draw comes from the caller's ``noise_fn(like) -> Tensor``.
+data are float64) and kept on the device, one copy per (device, dtype). Timesteps t are indices 0..T-1
+into those arrays. Sampling runs through the one loop driver (diffusion.sampling) with the ancestral and
+DDIM step functions below; it never touches the global RNG: every fresh normal draw comes from the
+caller's noise source (``noise_fn(like) -> Tensor``, or SampleNoise, which draws ahead of use).
 """
 
 from __future__ import annotations
 
-import collections
 import enum
+import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,10 +30,8 @@ from diffusion.losses import (
     normal_kl,
     snr,
 )
+from diffusion.sampling import Denoise, ModelFn, NoiseFn, StepFn, Timestep, sample_loop
 from diffusion.schedules import DiffusionError
-
-ModelFn = Callable[..., Any]
-NoiseFn = Callable[[Tensor], Tensor]
 
 LOG2 = math.log(2.0)
 # ADM's RESCALED_MSE multiplies the VLB term by T/1000 (parity with its first 1000-step implementation).
@@ -79,27 +79,6 @@ def _compute_dtype(like: Tensor) -> torch.dtype:
     return torch.float64 if like.dtype == torch.float64 else torch.float32
 
 
-def extract_into_tensor(
-    arr: np.ndarray, t: Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """arr[t] as a tensor of `dtype` on t's device, broadcast to `shape` ([B] -> [B, 1, ..., 1] -> shape)."""
-    values = torch.from_numpy(arr).to(dtype=dtype).to(t.device)[t]
-    values = values.view(-1, *([1] * (len(shape) - 1)))
-    return values.expand(*shape).contiguous()  # a real tensor, safe for in-place use by callers
-
-
-def fresh_noise(noise_fn: NoiseFn | None, like: Tensor, what: str) -> Tensor:
-    """Standard normal noise shaped like `like`, from the caller's noise_fn (never the global RNG)."""
-    if noise_fn is None:
-        raise DiffusionError(
-            f"{what} needs fresh noise but no noise_fn was given (pass noise_fn=SampleNoise(...))"
-        )
-    noise = noise_fn(like)
-    if tuple(noise.shape) != tuple(like.shape):
-        raise DiffusionError(f"noise_fn returned shape {tuple(noise.shape)}, expected {tuple(like.shape)}")
-    return noise.to(device=like.device, dtype=like.dtype)
-
-
 def _resolve_device(model: ModelFn, noise: Tensor | None, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -113,9 +92,8 @@ def _resolve_device(model: ModelFn, noise: Tensor | None, device: torch.device |
     return torch.device("cpu")
 
 
-def _last(steps: Iterator[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The final item of a sampling loop (there is always at least one step)."""
-    return collections.deque(steps, maxlen=1)[0]
+def _missing_noise(what: str) -> DiffusionError:
+    return DiffusionError(f"{what} needs fresh noise but no noise_fn was given (pass noise_fn=SampleNoise(...))")
 
 
 def _split_extra(output: Any) -> tuple[Tensor, Any]:
@@ -148,41 +126,55 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)  # abar_t
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])  # abar_{t-1}, abar_{-1} = 1
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
 
         # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)   (DDPM eq. 4)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        self.log_betas = np.log(betas)
 
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t I)   (DDPM eqs. 6-7)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # beta~_0 = 0: the log is clipped by repeating beta~_1 at t = 0.
+        # beta~_0 = 0: the log is clipped by repeating beta~_1 at t = 0. FIXED_LARGE uses beta_t, with beta~_1
+        # at t = 0 for a better decoder likelihood (as ADM).
         if self.num_timesteps > 1:
             self.posterior_log_variance_clipped = np.log(
                 np.append(self.posterior_variance[1], self.posterior_variance[1:])
             )
+            self.large_variance = np.append(self.posterior_variance[1], self.betas[1:])
         else:
             self.posterior_log_variance_clipped = np.array([], dtype=np.float64)
+            self.large_variance = np.array([], dtype=np.float64)
+        self.large_log_variance = np.log(self.large_variance)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
+        # x_0 from x_{t-1}: invert mean = coef1 x_0 + coef2 x_t
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
         self.snr = snr(self.alphas_cumprod)
+        self.timestep_map: list[int] = list(range(self.num_timesteps))  # the model's timestep of each step
+        self._tables: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+    # ----------------------------------------------------------------- schedule tensors on the device
+
+    def _table(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The schedule array `name` as a tensor [T] of `dtype` on `device`, copied there once and cached."""
+        key = (name, device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = torch.from_numpy(getattr(self, name)).to(dtype=dtype).to(device)
+        return table
+
+    def _extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """Schedule array `name` at timesteps t [B], broadcast to like's shape ([B] -> [B, 1, ..., 1] -> shape)."""
+        values = self._table(name, t.device, _compute_dtype(like))[t]
+        values = values.view(-1, *([1] * (like.ndim - 1)))
+        return values.expand(*like.shape).contiguous()  # a real tensor, safe for in-place use by callers
 
     # ----------------------------------------------------------------- forward process
-
-    def _extract(self, arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
-        return extract_into_tensor(arr, t, like.shape, _compute_dtype(like))
-
-    def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and log variance of q(x_t | x_0), each shaped like x_start."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x_start)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
-        return mean, variance, log_variance
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with the caller's noise eps [B, C, ...]."""
@@ -191,8 +183,8 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise DiffusionError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+            self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
     def q_posterior_mean_variance(
@@ -202,11 +194,11 @@ class GaussianDiffusion:
         if x_start.shape != x_t.shape:
             raise DiffusionError(f"x_start shape {tuple(x_start.shape)} != x_t shape {tuple(x_t.shape)}")
         mean = (
-            self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-            + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
+            self._extract("posterior_mean_coef1", t, x_t) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t) * x_t
         )
-        variance = self._extract(self.posterior_variance, t, x_t)
-        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        variance = self._extract("posterior_variance", t, x_t)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
         return mean, variance, log_variance
 
     # ----------------------------------------------------------------- conversions between targets
@@ -214,34 +206,34 @@ class GaussianDiffusion:
     def _predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         # x_0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps
         return (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def _predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, pred_xstart: Tensor) -> Tensor:
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / self._extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
     def _predict_xstart_from_xprev(self, x_t: Tensor, t: Tensor, xprev: Tensor) -> Tensor:
         # invert mean = coef1 x_0 + coef2 x_t
         return (
-            self._extract(1.0 / self.posterior_mean_coef1, t, x_t) * xprev
-            - self._extract(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t) * x_t
+            self._extract("recip_posterior_mean_coef1", t, x_t) * xprev
+            - self._extract("posterior_mean_coef2_over_coef1", t, x_t) * x_t
         )
 
     def _predict_xstart_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         # x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
-            - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+            self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v
         )
 
     def velocity_target(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, x_start) * noise
-            - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+            self._extract("sqrt_alphas_cumprod", t, x_start) * noise
+            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
         )
 
     # ----------------------------------------------------------------- reverse process
@@ -257,11 +249,26 @@ class GaussianDiffusion:
     ) -> dict[str, Any]:
         """p(x_{t-1} | x_t): dict(mean, variance, log_variance, pred_xstart, extra), tensors shaped like x."""
         model_kwargs = model_kwargs or {}
-        B, C = x.shape[:2]
-        if t.shape != (B,):
-            raise DiffusionError(f"t must have shape ({B},), got {tuple(t.shape)}")
-        model_output, extra = _split_extra(model(x, t, **model_kwargs))
+        if t.shape != (x.shape[0],):
+            raise DiffusionError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        output = self._wrap_model(model)(x, t, **model_kwargs)
+        return self._reverse_from_output(output, x, t, clip_denoised, denoised_fn)
 
+    def _wrap_model(self, model: ModelFn) -> ModelFn:
+        """The model as called with step indices t (a respaced process maps them to its original timesteps)."""
+        return model
+
+    def _reverse_from_output(
+        self,
+        output: Any,
+        x: Tensor,
+        t: Tensor,
+        clip_denoised: bool,
+        denoised_fn: Callable[[Tensor], Tensor] | None,
+    ) -> dict[str, Any]:
+        """p_mean_variance's dict from the model's output at x [B, C, ...] and step indices t [B]."""
+        B, C = x.shape[:2]
+        model_output, extra = _split_extra(output)
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             if model_output.shape != (B, 2 * C, *x.shape[2:]):
                 raise DiffusionError(
@@ -272,20 +279,17 @@ class GaussianDiffusion:
                 model_log_variance = var_values
             else:
                 # improved DDPM eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, v = frac in [0, 1]
-                min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-                max_log = self._extract(np.log(self.betas), t, x)
+                min_log = self._extract("posterior_log_variance_clipped", t, x)
+                max_log = self._extract("log_betas", t, x)
                 frac = (var_values + 1) / 2
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
+        elif self.model_var_type == ModelVarType.FIXED_LARGE:
+            model_variance = self._extract("large_variance", t, x)
+            model_log_variance = self._extract("large_log_variance", t, x)
         else:
-            if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, with beta~_1 at t = 0 for a better decoder likelihood (as ADM)
-                variance = np.append(self.posterior_variance[1], self.betas[1:])
-                log_variance = np.log(variance)
-            else:
-                variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-            model_variance = self._extract(variance, t, x)
-            model_log_variance = self._extract(log_variance, t, x)
+            model_variance = self._extract("posterior_variance", t, x)
+            model_log_variance = self._extract("posterior_log_variance_clipped", t, x)
 
         def process_xstart(x0: Tensor) -> Tensor:
             if denoised_fn is not None:
@@ -312,104 +316,45 @@ class GaussianDiffusion:
             "extra": extra,
         }
 
-    def p_sample(
-        self,
-        model: ModelFn,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        noise_fn: NoiseFn | None = None,
-    ) -> dict[str, Tensor]:
-        """Ancestral step x_t -> x_{t-1} = mean + sigma z (no noise at t = 0): dict(sample, pred_xstart)."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = fresh_noise(noise_fn, x, "p_sample")  # drawn at every step, t = 0 included, as ADM
-        nonzero_mask = (t != 0).to(out["mean"].dtype).view(-1, *([1] * (x.ndim - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+    # ----------------------------------------------------------------- step functions (diffusion.sampling)
 
-    def _initial_noise(
+    def sampling_timesteps(self, noisy: bool) -> list[Timestep]:
+        """The loop's steps k = T'-1 .. 0; the model sees timestep_map[k]; noisy steps (all but k = 0)."""
+        return [Timestep(k, self.timestep_map[k], noisy and k != 0) for k in reversed(range(self.num_timesteps))]
+
+    def ancestral_step(
         self,
-        model: ModelFn,
-        shape: Sequence[int],
+        denoise: Denoise,
+        x: Tensor,
+        ts: Timestep,
         noise: Tensor | None,
-        device: Any,
-        noise_fn: NoiseFn | None,
-    ) -> tuple[Tensor, torch.device]:
-        if not isinstance(shape, (tuple, list)):
-            raise DiffusionError(f"shape must be a tuple or list, got {type(shape).__name__}")
-        device = _resolve_device(model, noise, device)
-        if noise is not None:
-            if tuple(noise.shape) != tuple(shape):
-                raise DiffusionError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
-            return noise.to(device), device
-        return fresh_noise(noise_fn, torch.empty(*shape, device=device), "initial x_T"), device
-
-    def _timesteps(self, progress: bool) -> Sequence[int] | Iterator[int]:
-        indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
-
-            return tqdm(indices)
-        return indices
-
-    def p_sample_loop_progressive(
-        self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
         clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: Any = None,
-        progress: bool = False,
-        noise_fn: NoiseFn | None = None,
-    ) -> Iterator[dict[str, Tensor]]:
-        """Ancestral sampling from x_T; yields p_sample's dict at each t = T-1 .. 0."""
-        img, device = self._initial_noise(model, shape, noise, device, noise_fn)
-        for i in self._timesteps(progress):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, noise_fn)
-            yield out
-            img = out["sample"]
+    ) -> tuple[Tensor, Tensor]:
+        """DDPM Algorithm 2: x_{t-1} = mean + sigma z (z = noise; none at k = 0) -> (x_{t-1}, pred x_0)."""
+        t = torch.full((x.shape[0],), ts.index, device=x.device, dtype=torch.long)
+        out = self._reverse_from_output(denoise(x), x, t, clip_denoised, denoised_fn)
+        if noise is None:
+            return out["mean"], out["pred_xstart"]
+        return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise, out["pred_xstart"]
 
-    def p_sample_loop(
+    def ddim_step(
         self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: Any = None,
-        progress: bool = False,
-        noise_fn: NoiseFn | None = None,
-    ) -> Tensor:
-        """Samples [*shape] by ancestral sampling (DDPM Algorithm 2)."""
-        steps = self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, noise_fn
-        )
-        return _last(steps)["sample"]
-
-    def ddim_sample(
-        self,
-        model: ModelFn,
+        denoise: Denoise,
         x: Tensor,
-        t: Tensor,
+        ts: Timestep,
+        noise: Tensor | None,
         clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict | None = None,
         eta: float = 0.0,
-        noise_fn: NoiseFn | None = None,
-    ) -> dict[str, Tensor]:
-        """One DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic and draws no noise."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+    ) -> tuple[Tensor, Tensor]:
+        """One DDIM step (Song et al. 2021, eq. 12) -> (x_{t-1}, pred x_0); eta = 0 is deterministic."""
+        t = torch.full((x.shape[0],), ts.index, device=x.device, dtype=torch.long)
+        out = self._reverse_from_output(denoise(x), x, t, clip_denoised, denoised_fn)
         # re-derive eps from x_0 so that every mean type works
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x)
+        alpha_bar = self._extract("alphas_cumprod", t, x)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x)
         # sigma_t = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)   (eq. 16)
         sigma = (
             eta
@@ -419,51 +364,28 @@ class GaussianDiffusion:
         mean_pred = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         )
-        if eta == 0:
-            sample = mean_pred
-        else:
-            noise = fresh_noise(noise_fn, x, "ddim_sample with eta > 0")
-            nonzero_mask = (t != 0).to(mean_pred.dtype).view(-1, *([1] * (x.ndim - 1)))
-            sample = mean_pred + nonzero_mask * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        sample = mean_pred if noise is None else mean_pred + sigma * noise
+        return sample, out["pred_xstart"]
 
-    def ddim_reverse_sample(
-        self,
-        model: ModelFn,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict | None = None,
-    ) -> dict[str, Tensor]:
-        """Deterministic DDIM inversion step x_t -> x_{t+1}."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = self._extract(self.alphas_cumprod_next, t, x)
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
-        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+    # ----------------------------------------------------------------- the official loops (thin calls of the driver)
 
-    def ddim_sample_loop_progressive(
+    def p_sample_loop(
         self,
         model: ModelFn,
         shape: Sequence[int],
         noise: Tensor | None = None,
         clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
+        cond_fn: Callable[..., Any] | None = None,
         model_kwargs: dict | None = None,
         device: Any = None,
         progress: bool = False,
-        eta: float = 0.0,
         noise_fn: NoiseFn | None = None,
-    ) -> Iterator[dict[str, Tensor]]:
-        """DDIM sampling from x_T; yields ddim_sample's dict at each t = T-1 .. 0."""
-        img, device = self._initial_noise(model, shape, noise, device, noise_fn)
-        for i in self._timesteps(progress):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta, noise_fn)
-            yield out
-            img = out["sample"]
+    ) -> Tensor:
+        """Samples [*shape] by ancestral sampling (DDPM Algorithm 2); DiT's signature plus noise_fn."""
+        step = functools.partial(self.ancestral_step, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+        x_T = self._start(model, shape, noise, device, noise_fn, cond_fn)
+        return self._loop(step, model, x_T, True, "p_sample", noise_fn, model_kwargs, progress)
 
     def ddim_sample_loop(
         self,
@@ -472,17 +394,60 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
+        cond_fn: Callable[..., Any] | None = None,
         model_kwargs: dict | None = None,
         device: Any = None,
         progress: bool = False,
         eta: float = 0.0,
         noise_fn: NoiseFn | None = None,
     ) -> Tensor:
-        """Samples [*shape] with DDIM."""
-        steps = self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta, noise_fn
-        )
-        return _last(steps)["sample"]
+        """Samples [*shape] with DDIM (eta = 0: deterministic); DiT's signature plus noise_fn."""
+        step = functools.partial(self.ddim_step, clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta)
+        x_T = self._start(model, shape, noise, device, noise_fn, cond_fn)
+        return self._loop(step, model, x_T, eta != 0, "ddim_sample with eta > 0", noise_fn, model_kwargs, progress)
+
+    def _start(
+        self,
+        model: ModelFn,
+        shape: Sequence[int],
+        noise: Tensor | None,
+        device: Any,
+        noise_fn: NoiseFn | None,
+        cond_fn: Callable[..., Any] | None,
+    ) -> Tensor:
+        """x_T [*shape]: the given noise, else one draw of noise_fn, on the model's (or the given) device."""
+        if cond_fn is not None:
+            raise DiffusionError("cond_fn (classifier guidance) is not supported; use guided_model for CFG")
+        if not isinstance(shape, (tuple, list)):
+            raise DiffusionError(f"shape must be a tuple or list, got {type(shape).__name__}")
+        device = _resolve_device(model, noise, device)
+        if noise is not None:
+            if tuple(noise.shape) != tuple(shape):
+                raise DiffusionError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
+            return noise.to(device)
+        if noise_fn is None:
+            raise _missing_noise("initial x_T")
+        like = torch.empty(*shape, device=device)
+        x_T = noise_fn(like)
+        if tuple(x_T.shape) != tuple(shape):
+            raise DiffusionError(f"noise_fn returned shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        return x_T.to(device=device, dtype=like.dtype)
+
+    def _loop(
+        self,
+        step: StepFn,
+        model: ModelFn,
+        x_T: Tensor,
+        noisy: bool,
+        what: str,
+        noise_fn: NoiseFn | None,
+        model_kwargs: dict | None,
+        progress: bool,
+    ) -> Tensor:
+        timesteps = self.sampling_timesteps(noisy)
+        if noise_fn is None and any(ts.noisy for ts in timesteps):
+            raise _missing_noise(what)
+        return sample_loop(step, model, x_T, timesteps, noise=noise_fn, model_kwargs=model_kwargs, progress=progress)
 
     # ----------------------------------------------------------------- losses
 
@@ -523,8 +488,8 @@ class GaussianDiffusion:
             raise DiffusionError(
                 f"loss weighting {loss_weighting.kind!r} is not defined for {self.model_mean_type.name}"
             )
-        snr_t = torch.from_numpy(self.snr[t.detach().cpu().numpy()])  # [B] float64
-        return loss_weighting.weight(snr_t, target).to(device=t.device, dtype=torch.float32)
+        snr_t = self._table("snr", t.device, torch.float64)[t]  # [B] float64, on t's device (no host sync)
+        return loss_weighting.weight(snr_t, target).to(dtype=torch.float32)
 
     def training_losses(
         self,
@@ -546,6 +511,7 @@ class GaussianDiffusion:
         input_perturbation noises x_t with eps + gamma * N(0, 1), the target keeps eps (Ning et al. 2023).
         """
         model_kwargs = model_kwargs or {}
+        model = self._wrap_model(model)
         if noise is None:
             noise = torch.randn_like(x_start)
         if noise_offset:
@@ -601,39 +567,3 @@ class GaussianDiffusion:
             terms["weight"] = weight
         terms["loss"] = weighted_mse + terms["vb"] if "vb" in terms else weighted_mse
         return terms
-
-    def _prior_bpd(self, x_start: Tensor) -> Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dim, [B]."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
-        mean, _, log_variance = self.q_mean_variance(x_start, t)
-        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / LOG2
-
-    def calc_bpd_loop(
-        self,
-        model: ModelFn,
-        x_start: Tensor,
-        noise_fn: NoiseFn,
-        clip_denoised: bool = True,
-        model_kwargs: dict | None = None,
-    ) -> dict[str, Tensor]:
-        """The full VLB in bits/dim: dict(total_bpd, prior_bpd, vb [B, T], xstart_mse [B, T], mse [B, T])."""
-        vb, xstart_mse, mse = [], [], []
-        for i in list(range(self.num_timesteps))[::-1]:
-            t = torch.full((x_start.shape[0],), i, device=x_start.device, dtype=torch.long)
-            noise = fresh_noise(noise_fn, x_start, "calc_bpd_loop")
-            x_t = self.q_sample(x_start, t, noise)
-            with torch.no_grad():
-                out = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised, model_kwargs)
-            vb.append(out["output"])
-            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-            eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-            mse.append(mean_flat((eps - noise) ** 2))
-        vb_t = torch.stack(vb, dim=1)
-        prior_bpd = self._prior_bpd(x_start)
-        return {
-            "total_bpd": vb_t.sum(dim=1) + prior_bpd,
-            "prior_bpd": prior_bpd,
-            "vb": vb_t,
-            "xstart_mse": torch.stack(xstart_mse, dim=1),
-            "mse": torch.stack(mse, dim=1),
-        }

@@ -30,10 +30,12 @@ def guided_model(
 ) -> ModelFn:
     """A model function fn(x, t, y) with guidance scale `cfg_scale`; the caller's batch stays B.
 
-    Inside, the batch is doubled to [x; x] with labels [y; num_classes]. Output channels beyond the
-    guided ones (remaining eps channels with "first3", and learned-variance channels) come from the
+    Inside, the batch is doubled to [x; x] with labels [y; num_classes]; the combination runs in float32
+    (bf16/fp16 outputs are upcast first), so the guided output is float32 or float64. Output channels beyond
+    the guided ones (remaining eps channels with "first3", and learned-variance channels) come from the
     conditional half. `interval=(low, high)`: guidance only where low <= t <= high (t in training
-    timesteps), the plain conditional output elsewhere. cfg_scale == 1 returns `model` itself.
+    timesteps), the plain conditional output elsewhere; the sampling loop picks the function of each step
+    on the host (`for_timestep`). cfg_scale == 1 returns `model` itself.
     """
     if channels not in CHANNEL_MODES:
         raise DiffusionError(
@@ -56,28 +58,43 @@ def guided_model(
             raise DiffusionError(
                 f"guidance: model output has {out.shape[1]} channels, expected {C} or {2 * C} (input has {C})"
             )
-        cond, uncond = out[:B], out[B:]
         k = min(DIT_GUIDED_CHANNELS, C) if channels == CHANNELS_FIRST3 else C
-        guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
-        return torch.cat([guided, cond[:, k:]], dim=1)  # [B, C or 2C, ...]
+        # the combination in (at least) float32: a no-op for fp32/fp64 outputs, an upcast for bf16/fp16 ones
+        combine_dtype = torch.promote_types(out.dtype, torch.float32)
+        cond, uncond = out[:B, :k].to(combine_dtype), out[B:, :k].to(combine_dtype)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([guided, out[:B, k:].to(combine_dtype)], dim=1)  # [B, C or 2C, ...]
 
     if interval is None:
         return guided_all
+    return _IntervalGuided(model, guided_all, interval)
 
-    low, high = interval
 
-    def guided_in_interval(x: Tensor, t: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
-        inside = (t >= low) & (t <= high)  # [B]
+class _IntervalGuided:
+    """Guidance only for training timesteps low <= t <= high; the plain conditional model elsewhere.
+
+    A sampling loop knows each step's timestep on the host and asks for_timestep(t) for the function of the
+    whole step (no host sync). Called directly with t [B], it decides per sample (this reads t on the host).
+    """
+
+    def __init__(self, model: ModelFn, guided: ModelFn, interval: tuple[float, float]) -> None:
+        self.model, self.guided = model, guided
+        self.low, self.high = interval
+
+    def for_timestep(self, t: float) -> ModelFn:
+        """The function for a step at training timestep t: guided inside the interval, plain outside."""
+        return self.guided if self.low <= t <= self.high else self.model
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
+        inside = (t >= self.low) & (t <= self.high)  # [B]
         if bool(inside.all()):
-            return guided_all(x, t, y, **kwargs)
+            return self.guided(x, t, y, **kwargs)
         if not bool(inside.any()):
-            return model(x, t, y, **kwargs)
+            return self.model(x, t, y, **kwargs)
         # mixed batch (only when callers pass different t per sample): each part on its own path
-        plain = model(x[~inside], t[~inside], y[~inside], **kwargs)
-        guided = guided_all(x[inside], t[inside], y[inside], **kwargs)
-        out = plain.new_empty((x.shape[0], *plain.shape[1:]))
-        out[~inside] = plain
-        out[inside] = guided.to(plain.dtype)
+        plain = self.model(x[~inside], t[~inside], y[~inside], **kwargs)
+        guided = self.guided(x[inside], t[inside], y[inside], **kwargs)
+        out = guided.new_empty((x.shape[0], *guided.shape[1:]))
+        out[~inside] = plain.to(guided.dtype)
+        out[inside] = guided
         return out
-
-    return guided_in_interval

@@ -6,14 +6,14 @@ beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}; the model still sees the ORIGINAL tim
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.sampling import ModelFn
 from diffusion.schedules import DiffusionError
 
 DDIM_PREFIX = "ddim"
@@ -79,20 +79,14 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
 
 
 class _TimestepMappedModel:
-    """Calls the model with original timesteps: model(x, timestep_map[t], **kwargs)."""
+    """Calls the model with original timesteps: model(x, timestep_map[t], **kwargs), the map kept on t's device."""
 
-    def __init__(self, model: ModelFn, timestep_map: Sequence[int]) -> None:
+    def __init__(self, model: ModelFn, diffusion: SpacedDiffusion) -> None:
         self.model = model
-        self.timestep_map = list(timestep_map)
+        self.diffusion = diffusion
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs: Any) -> Any:
-        map_tensor = torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)
-        return self.model(x, map_tensor[t], **kwargs)
-
-    def parameters(self) -> Iterator[torch.nn.Parameter]:
-        """The wrapped model's parameters (lets the loops find its device); none for a plain function."""
-        parameters = getattr(self.model, "parameters", None)
-        return parameters() if callable(parameters) else iter(())
+        return self.model(x, self.diffusion.original_timesteps(t), **kwargs)
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -108,19 +102,20 @@ class SpacedDiffusion(GaussianDiffusion):
             or max(self.use_timesteps) >= base.num_timesteps
         ):
             raise DiffusionError(f"kept timesteps must lie in 0..{base.num_timesteps - 1}")
-        self.timestep_map: list[int] = sorted(self.use_timesteps)
-        kept_alpha_bar = base.alphas_cumprod[self.timestep_map]
+        kept = sorted(self.use_timesteps)
+        kept_alpha_bar = base.alphas_cumprod[kept]
         previous = np.append(1.0, kept_alpha_bar[:-1])
         kwargs["betas"] = 1.0 - kept_alpha_bar / previous  # beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}
         super().__init__(**kwargs)
+        self.timestep_map = kept
+        self.timestep_map_array = np.array(kept, dtype=np.int64)
+
+    def original_timesteps(self, t: Tensor) -> Tensor:
+        """timestep_map[t] for step indices t [B], on t's device (the map is copied there once)."""
+        return self._table("timestep_map_array", t.device, t.dtype)[t]
 
     def _wrap_model(self, model: ModelFn) -> ModelFn:
+        """The model called with original timesteps (p_mean_variance and training_losses take step indices)."""
         if isinstance(model, _TimestepMappedModel):
             return model
-        return _TimestepMappedModel(model, self.timestep_map)
-
-    def p_mean_variance(self, model: ModelFn, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
-
-    def training_losses(self, model: ModelFn, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        return super().training_losses(self._wrap_model(model), *args, **kwargs)
+        return _TimestepMappedModel(model, self)

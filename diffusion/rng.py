@@ -7,12 +7,17 @@ often the job was resumed (as in EDM's generate.py, one generator per image).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Sequence
 
 import torch
 
 SEED_STRIDE = 2**32
 MAX_GLOBAL_SEED = 2**32 - 1
+PREFETCH_DEPTH = 4  # draws kept ready ahead of a sampling loop (each [B, C, H, W] float32)
+QUEUE_POLL_S = 0.1  # how often a blocked producer checks whether the loop has ended
+CPU, CUDA = "cpu", "cuda"
 
 
 def sample_seed(global_seed: int, index: int) -> int:
@@ -25,9 +30,11 @@ def sample_seed(global_seed: int, index: int) -> int:
 
 
 class SampleNoise:
-    """One CPU torch.Generator per sample of a batch; usable as a `noise_fn` of the samplers.
+    """One CPU torch.Generator per sample of a batch; a noise source of the samplers.
 
-    Noise is drawn on the CPU in float32 and then moved, so it is the same on every device.
+    Noise is drawn on the CPU in float32 and then moved, so it is the same on every device. Bound for a CUDA
+    device it is drawn into pinned memory and copied with non_blocking=True (no host sync); inside a sampling
+    loop, stream() draws on a background thread ahead of use.
     """
 
     def __init__(self, seeds: Sequence[int]):
@@ -40,13 +47,89 @@ class SampleNoise:
         """One integer in [0, high) per sample -> LongTensor [B]."""
         return torch.cat([torch.randint(high, (1,), generator=g) for g in self.generators])
 
+    def draw(self, shape: Sequence[int], pin: bool = False) -> torch.Tensor:
+        """Standard normal noise [B, *shape] float32 on the CPU (pinned if asked), sample b from generator b."""
+        out = torch.empty((len(self.generators), *shape), dtype=torch.float32, pin_memory=pin)
+        for row, g in zip(out, self.generators):
+            torch.randn(tuple(shape), generator=g, out=row)
+        return out
+
     def randn(self, shape: Sequence[int], device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard normal noise [B, *shape], sample b from generator b."""
-        noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
-        return noise.to(device=device, dtype=dtype)
+        """Standard normal noise [B, *shape] on `device`, sample b from generator b."""
+        device = torch.device(device)
+        return self.draw(shape, pin=device.type == CUDA).to(device=device, dtype=dtype, non_blocking=True)
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        self._check_batch(like)
+        return self.randn(like.shape[1:], like.device, like.dtype)
+
+    def stream(self, like: torch.Tensor, count: int) -> NoiseDraws:
+        """The next `count` draws shaped like `like` [B, ...], in order, drawn ahead of use (see NoiseDraws)."""
+        self._check_batch(like)
+        return NoiseDraws(self, like, count)
+
+    def _check_batch(self, like: torch.Tensor) -> None:
         if like.shape[0] != len(self.generators):
             raise ValueError(f"batch of {like.shape[0]} samples but {len(self.generators)} generators")
-        return self.randn(like.shape[1:], like.device, like.dtype)
+
+
+class NoiseDraws:
+    """`count` draws of a SampleNoise shaped like `like`, produced ahead of use.
+
+    For a CPU target each draw is made when asked (nothing to overlap; `background` overrides the choice).
+    For another device (CUDA, meta) a background thread draws up to PREFETCH_DEPTH draws ahead (into pinned
+    memory for CUDA) and __next__ issues a non-blocking copy: the loop never waits on a host-to-device copy.
+    Only this object's thread touches the generators until close(), and it draws exactly `count`, so every
+    stream stays in step.
+    """
+
+    def __init__(self, source: SampleNoise, like: torch.Tensor, count: int, background: bool | None = None) -> None:
+        self.source, self.shape = source, tuple(like.shape[1:])
+        self.device, self.dtype = like.device, like.dtype
+        self.remaining = count
+        self._thread: threading.Thread | None = None
+        if background is None:
+            background = self.device.type != CPU
+        if background and count > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._produce, args=(count,), name="noise-prefetch", daemon=True)
+            self._thread.start()
+
+    def _produce(self, count: int) -> None:
+        pin = self.device.type == CUDA
+        for _ in range(count):
+            try:
+                item: torch.Tensor | BaseException = self.source.draw(self.shape, pin)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=QUEUE_POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def __iter__(self) -> NoiseDraws:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.remaining == 0:
+            raise StopIteration
+        self.remaining -= 1
+        if self._thread is None:
+            return self.source.draw(self.shape).to(dtype=self.dtype)
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the background thread (if any) and wait for it; draws not taken are dropped."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None

@@ -111,3 +111,29 @@ def test_bad_settings_are_one_line_errors():
         guided_model(_FakeDiT(), 2.0, NUM_CLASSES, channels="last")
     with pytest.raises(DiffusionError, match="interval"):
         guided_model(_FakeDiT(), 2.0, NUM_CLASSES, interval=(500, 100))
+
+
+def test_bf16_outputs_are_combined_in_float32():
+    x, t, y = _inputs()
+    model = _FakeDiT()
+
+    def bf16_model(x, t, y):
+        return model(x, t, y).to(torch.bfloat16)
+
+    ours = guided_model(bf16_model, 4.0, NUM_CLASSES, channels="all")(x, t, y)
+    out = bf16_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NUM_CLASSES)]))
+    cond, uncond = out[:B].float(), out[B:].float()
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours[:, :C], uncond[:, :C] + 4.0 * (cond[:, :C] - uncond[:, :C]))
+    assert torch.equal(ours[:, C:], cond[:, C:])
+    rounded = (uncond[:, :C].bfloat16() + 4.0 * (cond[:, :C].bfloat16() - uncond[:, :C].bfloat16())).float()
+    assert not torch.equal(ours[:, :C], rounded)  # a bf16 combination would lose bits
+
+
+def test_for_timestep_picks_the_step_function_on_the_host():
+    x, t, y = _inputs()
+    model = _FakeDiT()
+    fn = guided_model(model, 3.0, NUM_CLASSES, interval=(100, 800))
+    assert fn.for_timestep(900) is model and fn.for_timestep(50.5) is model
+    inside = fn.for_timestep(800)
+    assert torch.equal(inside(x, t, y), guided_model(_FakeDiT(), 3.0, NUM_CLASSES)(x, t, y))

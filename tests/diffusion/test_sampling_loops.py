@@ -1,11 +1,14 @@
 """Sampling loops: DDIM against a straightforward numpy loop; noise only from noise_fn."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
 from diffusion import DiffusionError, create_diffusion
 from diffusion.rng import SampleNoise
+from diffusion.sampling import Timestep, sample_loop
 
 T = 1000
 
@@ -84,16 +87,24 @@ def test_loops_are_reproducible_and_leave_global_rng_alone(loop, make_noise_fn):
     assert torch.isfinite(a).all()
 
 
-def test_p_sample_step_is_mean_plus_sigma_noise(make_noise_fn):
+def test_ancestral_step_is_mean_plus_sigma_noise(make_noise_fn):
     d = create_diffusion("10")
     x = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(3))
     for step in (5, 0):
         t = torch.full((2,), step)
         out = d.p_mean_variance(_fixed_model, x, t)
-        sample = d.p_sample(_fixed_model, x, t, noise_fn=make_noise_fn(9))["sample"]
         z = make_noise_fn(9)(x)
+        ts = Timestep(step, d.timestep_map[step], step != 0)
+        seen = []
+
+        def denoise(x_in, ts=ts, seen=seen):
+            seen.append(ts.model_t)
+            return _fixed_model(x_in, torch.full((2,), ts.model_t))
+
+        sample, _ = d.ancestral_step(denoise, x, ts, z if ts.noisy else None)
         expected = out["mean"] + (step != 0) * torch.exp(0.5 * out["log_variance"]) * z
         assert torch.allclose(sample, expected, atol=1e-6)
+        assert seen == [d.timestep_map[step]]
 
 
 def test_sample_is_independent_of_its_batch():
@@ -119,7 +130,50 @@ def test_missing_noise_source_is_a_clear_error():
     assert torch.isfinite(d.ddim_sample_loop(_fixed_model, shape, noise=noise)).all()
 
 
-def test_progressive_loop_yields_every_step(make_noise_fn):
+def test_driver_reports_every_step_and_equals_the_official_loop(make_noise_fn):
     d = create_diffusion("ddim25")
-    steps = list(d.ddim_sample_loop_progressive(_fixed_model, (1, 2, 4, 4), noise_fn=make_noise_fn(0)))
-    assert len(steps) == 25 and set(steps[0]) == {"sample", "pred_xstart"}
+    x_T = make_noise_fn(0)(torch.empty(1, 2, 4, 4))
+    steps = []
+    ours = sample_loop(d.ddim_step, _fixed_model, x_T, d.sampling_timesteps(noisy=False), callback=steps.append)
+    assert len(steps) == 25 and set(steps[0]) == {"i", "timestep", "sample", "pred_xstart"}
+    assert [s["timestep"].model_t for s in steps] == d.timestep_map[::-1]
+    assert torch.equal(ours, d.ddim_sample_loop(_fixed_model, (1, 2, 4, 4), noise=x_T))
+
+
+# Parameter order and defaults of facebookresearch/DiT diffusion/gaussian_diffusion.py (commit ed81ce2).
+OFFICIAL_SIGNATURES = {
+    "p_sample_loop": [("model", None), ("shape", None), ("noise", None), ("clip_denoised", True),
+                      ("denoised_fn", None), ("cond_fn", None), ("model_kwargs", None), ("device", None),
+                      ("progress", False)],
+    "ddim_sample_loop": [("model", None), ("shape", None), ("noise", None), ("clip_denoised", True),
+                         ("denoised_fn", None), ("cond_fn", None), ("model_kwargs", None), ("device", None),
+                         ("progress", False), ("eta", 0.0)],
+    "training_losses": [("model", None), ("x_start", None), ("t", None), ("model_kwargs", None), ("noise", None)],
+}
+
+
+@pytest.mark.parametrize("method", sorted(OFFICIAL_SIGNATURES))
+def test_official_positional_order_and_defaults(method):
+    params = list(inspect.signature(getattr(create_diffusion("10"), method)).parameters.values())
+    official = OFFICIAL_SIGNATURES[method]
+    ours = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in params[: len(official)]]
+    assert ours == official
+    assert all(p.default is not inspect.Parameter.empty for p in params[len(official):])  # extras are optional
+
+
+def test_positional_call_binds_model_kwargs_and_rejects_cond_fn():
+    d = create_diffusion("ddim5")
+    x_T = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def model(x, t, y):
+        seen.append(y)
+        return _fixed_model(x, t)
+
+    y = torch.tensor([3, 4])
+    positional = d.ddim_sample_loop(model, x_T.shape, x_T, False, None, None, {"y": y})
+    assert all(torch.equal(s, y) for s in seen) and len(seen) == 5
+    assert torch.equal(positional, d.ddim_sample_loop(model, x_T.shape, noise=x_T, clip_denoised=False,
+                                                      model_kwargs={"y": y}))
+    with pytest.raises(DiffusionError, match="cond_fn"):
+        d.p_sample_loop(model, x_T.shape, x_T, True, None, lambda *a: 0, {"y": y})
