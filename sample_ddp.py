@@ -28,9 +28,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import DEFAULT_DIFFUSION_STEPS, create_diffusion
+from diffusion import DEFAULT_DIFFUSION_STEPS, DiffusionError
 from diffusion.guidance import CHANNEL_MODES, guided_model
 from diffusion.rng import MAX_GLOBAL_SEED, SampleNoise, sample_seed
+from diffusion.samplers import DDIM, SAMPLER_NAMES, Sampler
 from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid
 from launch import dist, preempt, rundir, shard
 from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
@@ -39,7 +40,7 @@ from models.checkpoints import CheckpointError, build_model, checkpoint_channels
 from models.dit import DiT_models
 from models.vae import CODEC_CHOICES, CODEC_NONE, PIXEL_CHANNEL_CHOICES, Codec, CodecError, load_codec
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = SAMPLER_NAMES  # ddpm, ddim, then diffusers' multistep/ODE solvers
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes; reduce-overhead = CUDA graphs
 OFFICIAL_MODEL = "DiT-XL/2"
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
     add("--ckpt", default=d.ckpt, help="DiT checkpoint (.pt/.safetensors); default: official DiT-XL/2 download")
     add("--allow-pickle", action="store_true", help="load checkpoints that need full unpickling (trusted only)")
-    add("--sampler", choices=SAMPLERS, default=d.sampler, help="ancestral DDPM or deterministic DDIM")
+    add("--sampler", choices=SAMPLERS, default=d.sampler,
+        help="ddpm (ancestral, the DiT protocol), ddim, or diffusers' dpm++2m, dpm++2m-sde, unipc, euler, heun")
     add("--ddim-eta", type=float, default=d.ddim_eta, help="DDIM eta (0 = deterministic)")
     add("--guidance-channels", choices=CHANNEL_MODES, default=d.guidance_channels,
         help="first3 reproduces the DiT paper; all is the standard form")
@@ -310,7 +312,8 @@ def _dist_setup(cfg: SampleConfig) -> dist.DistInfo:
     return info
 
 
-def open_run(cfg: SampleConfig, info: dist.DistInfo, labels: np.ndarray, lock: rundir.RunLock) -> None:
+def open_run(cfg: SampleConfig, info: dist.DistInfo, labels: np.ndarray, lock: rundir.RunLock,
+             sampler: Sampler) -> None:
     """Rank 0: lock the run folder, check or create it, and start this session in its manifest."""
     identity = cfg.identity(file_sha256(cfg.ckpt) if cfg.ckpt else None)
     manifest = rundir.prepare(cfg.run_dir, identity, cfg.overwrite, lock)
@@ -319,8 +322,8 @@ def open_run(cfg: SampleConfig, info: dist.DistInfo, labels: np.ndarray, lock: r
     if manifest is None:
         manifest = rundir.Manifest(cfg.run_dir, {
             "version": rundir.MANIFEST_VERSION, "identity": identity, "config": dataclasses.asdict(cfg),
-            "seed_formula": SEED_RULE, "label_rule": shard.LABEL_RULES[cfg.label_sampling],
-            "labels": labels.tolist(), "sessions": []})
+            "sampler": sampler.describe(), "seed_formula": SEED_RULE,
+            "label_rule": shard.LABEL_RULES[cfg.label_sampling], "labels": labels.tolist(), "sessions": []})
     manifest.data["versions"] = package_versions()
     manifest.start_session(world_size=info.world_size, per_proc_batch_size=cfg.per_proc_batch_size,
                            device=info.device.type)
@@ -361,22 +364,21 @@ def _padded(batch: list[int], size: int) -> list[int]:
     return batch + [batch[0]] * (size - len(batch))
 
 
-def _sample(diffusion, model_fn, z, y, noise, cfg: SampleConfig):  # noqa: ANN001, ANN202
-    clip = cfg.vae == CODEC_NONE  # pixel-space x0 lives in [-1, 1]; latents are not clipped (as DiT)
-    kwargs = dict(noise=z, clip_denoised=clip, model_kwargs={"y": y}, device=z.device, noise_fn=noise)
-    if cfg.sampler == "ddim":
-        return diffusion.ddim_sample_loop(model_fn, z.shape, eta=cfg.ddim_eta, **kwargs)
-    return diffusion.p_sample_loop(model_fn, z.shape, **kwargs)
+def build_sampler(cfg: SampleConfig, model: torch.nn.Module, meta: dict) -> Sampler:
+    """The --sampler on the checkpoint's own noise schedule and prediction type."""
+    try:
+        return Sampler(cfg.sampler, cfg.num_sampling_steps, learn_sigma=model.learn_sigma,
+                       eta=cfg.ddim_eta if cfg.sampler == DDIM else 0.0, **_trained_objective(meta))
+    except DiffusionError as exc:
+        raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None
 
 
 def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, labels: np.ndarray,
                    missing: list[int], lock: rundir.RunLock) -> bool:
     """Sample this rank's share of `missing` and write the PNGs; returns True when stopped by a signal."""
-    model, codec, meta = network
+    model, codec, sampler = network
     N = cfg.num_fid_samples
-    diffusion = create_diffusion(str(cfg.num_sampling_steps) if cfg.sampler == "ddpm"
-                                 else f"ddim{cfg.num_sampling_steps}", learn_sigma=model.learn_sigma,
-                                 **_trained_objective(meta))
+    clip = cfg.vae == CODEC_NONE  # pixel-space x0 lives in [-1, 1]; latents are not clipped (as DiT)
     model_fn = guided_model(model, cfg.cfg_scale, cfg.num_classes, cfg.guidance_channels, cfg.guidance_interval)
     latent_shape = (model.in_channels, model.input_size, model.input_size)
     writer = PngWriter(workers=cfg.png_workers)
@@ -391,7 +393,7 @@ def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, label
                 z = noise.randn(latent_shape, info.device)
                 y = torch.as_tensor(labels[rows], device=info.device)
                 with _autocast(cfg, info.device):
-                    x0 = _sample(diffusion, model_fn, z, y, noise, cfg)
+                    x0 = sampler(model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=clip)
                 images = codec.decode(x0.float()).numpy()
                 for i, image in zip(batch, images):
                     writer.submit(cfg.run_dir / index_filename(i, N), image)
@@ -415,12 +417,13 @@ def run(cfg: SampleConfig) -> int:
     labels = shard.plan_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling,
                                sample_seed)
     model, codec, _, meta = load_network(cfg, info.device)  # validates the checkpoint before any file is written
+    sampler = build_sampler(cfg, model, meta)
     lock = rundir.RunLock(cfg.run_dir)
     try:
-        dist.main_only(lambda: open_run(cfg, info, labels, lock))
+        dist.main_only(lambda: open_run(cfg, info, labels, lock, sampler))
         dist.report_failures_in(cfg.run_dir)  # a rank that fails leaves its line here for the others
         missing = find_missing(cfg, info)
-        stopped = sample_missing(cfg, info, (model, codec, meta), labels, missing, lock)
+        stopped = sample_missing(cfg, info, (model, codec, sampler), labels, missing, lock)
         dist.barrier()  # every rank's PNGs are on disk; rank 0 packs alone, with no collective pending
         dist.shutdown()
         if info.is_main:
