@@ -106,7 +106,7 @@ def test_disk_full_names_the_path_and_keeps_written_pngs(tmp_path, images, monke
     writer.submit(tmp_path / "000000.png", images[0])
     writer.wait()
 
-    def full(self, fp, *args, **kwargs):  # noqa: ANN001
+    def full(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", full)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
-import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,15 @@ from adm_numpy import is_adm_numpy
 from scipy.spatial.distance import cdist
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from evaluation import evaluator
+from evaluation import reference_cache
+from evaluation import report as report_module
 from evaluation.evaluator import evaluate, main
 from evaluation.inception import InceptionExtractor
-from evaluation.metrics import InceptionScoreSums
+from evaluation.inputs import check_batch
+from evaluation.reference_cache import load_reference
+from evaluation.statistics import InceptionScoreSums
 from launch import dist
 
-REPO = Path(__file__).resolve().parents[2]
 ADM_LINES = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 
 
@@ -87,14 +88,16 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture
 def spy_extractions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The labels of the batches run through Inception (reference and sample passes)."""
     labels: list[str] = []
-    real = evaluator.extract_batch
+    real = report_module.extract_batch
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003
-        labels.append(kwargs.get("label", ""))
-        return real(*args, **kwargs)
+    def spy(batch: object, accumulator: object, chunk_size: int, label: str) -> object:
+        labels.append(label)
+        return real(batch, accumulator, chunk_size, label)
 
-    monkeypatch.setattr(evaluator, "extract_batch", spy)
+    monkeypatch.setattr(report_module, "extract_batch", spy)
+    monkeypatch.setattr(reference_cache, "extract_batch", spy)
     return labels
 
 
@@ -151,7 +154,7 @@ def test_fid_and_is_match_torch_fidelity(cli_run: dict, weights_file: Path, ref_
     expected = is_adm_numpy(logits.numpy())
     # Our Inception Score code on torch-fidelity's logits = the numpy ADM definition.
     sums = InceptionScoreSums(len(logits), logits.shape[1])
-    sums.update(logits.numpy(), start=0)
+    sums.update(logits.numpy(), 0)
     assert sums.score() == pytest.approx(expected, rel=1e-6)
     # End to end (our channels-last float32 extraction vs torch-fidelity's NCHW one): float32 round-off in the
     # logits, magnified by the test classifier's large weights, is ~1e-6 of IS.
@@ -197,10 +200,11 @@ def test_precomputed_reference_statistics_are_used(tmp_path: Path, extractor: In
              "mu_s": rng.uniform(0, 1, 2023), "sigma_s": np.diag(rng.uniform(0.0, 1e-2, 2023))}
     ref = tmp_path / "adm_ref.npz"
     np.savez(ref, arr_0=ref_images[:4], **given)  # ADM layout; arr_0 only serves precision/recall
-    reference = evaluator.load_reference(evaluator.open_checked(ref, "reference"), {"fid", "sfid"}, extractor,
-                                         cache_dir=None, chunk_size=4)
+    checked = check_batch(ref, "reference", {"fid", "sfid"}, extractor.feature_dims)
+    reference = load_reference(checked, {"fid", "sfid"}, extractor, cache_dir=None, chunk_size=4)
     assert spy_extractions == []  # nothing to extract: both statistics are given
-    for got, (mu, sigma) in ((reference.pool, ("mu", "sigma")), (reference.spatial, ("mu_s", "sigma_s"))):
+    for kind, (mu, sigma) in (("pool", ("mu", "sigma")), ("spatial", ("mu_s", "sigma_s"))):
+        got = reference.statistics[kind]
         np.testing.assert_array_equal(got[0], given[mu])
         np.testing.assert_array_equal(got[1], given[sigma])
     sample = tmp_path / "sample4.npz"
@@ -260,7 +264,8 @@ def test_bad_inputs_give_one_error_line(tmp_path: Path, batch_files: tuple[Path,
 
 
 def test_one_and_two_processes_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_file: Path,
-                                     extractor: InceptionExtractor, ref_images: np.ndarray, sample_images: np.ndarray):
+                                     extractor: InceptionExtractor, ref_images: np.ndarray, sample_images: np.ndarray,
+                                     torchrun: Callable[[list[str]], subprocess.CompletedProcess]):
     ref, sample = tmp_path / "ref6.npz", tmp_path / "sample6.npz"
     # Given (positive definite) reference statistics keep the float64 linear algebra short; the sample's
     # statistics, IS and both feature sets for precision/recall still come from the sharded extraction.
@@ -269,12 +274,9 @@ def test_one_and_two_processes_agree(tmp_path: Path, monkeypatch: pytest.MonkeyP
     np.savez(ref, arr_0=ref_images[:6], **given)
     np.savez(sample, arr_0=sample_images[:6])
     out = tmp_path / "two.json"
-    env = {**os.environ, "DIT_CPU_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "evaluation.evaluator", str(ref), str(sample), "--json", str(out), "--device", "cpu",
-           "--inception-weights", str(weights_file), "--batch-size", "3", "--no-cache",
-           "--metrics", "is,fid,prec,recall"]  # sFID shares FID's code path; each costs seconds of eigvalsh
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(["-m", "evaluation.evaluator", str(ref), str(sample), "--json", str(out), "--device", "cpu",
+                     "--inception-weights", str(weights_file), "--batch-size", "3", "--no-cache",
+                     "--metrics", "is,fid,prec,recall"])  # sFID shares FID's code path; each costs seconds of eigvalsh
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line.split(": ")[0] for line in proc.stdout.strip().splitlines()]
     assert printed == ["Inception Score", "FID", "Precision", "Recall"]  # once, by rank 0
