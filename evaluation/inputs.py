@@ -95,9 +95,9 @@ def check_batch(path: BatchInput, role: str, metrics: Iterable[str], dims: Mappi
     if needs and not batch.has_images:
         names = ", ".join(PRINT_NAMES[m] for m in needs)
         usable = ",".join(m for m in FRECHET_FEATURES if FRECHET_FEATURES[m] in given) or "nothing"
-        raise EvaluationError(f"{role} batch {batch.path} holds statistics only, no {IMAGES_KEY}: {names} need the "
-                              f"{role} images; with these statistics use --metrics {usable}, or pass a batch "
-                              f"with {IMAGES_KEY}")
+        raise EvaluationError(f"{role} batch {batch.path} holds statistics only: the {role} images ({IMAGES_KEY}) "
+                              f"are needed for {names}; with these statistics use --metrics {usable}, or pass a "
+                              f"batch with {IMAGES_KEY}")
     if set(metrics) & MANIFOLD_METRICS and batch.num_images <= NEAREST_K:
         raise EvaluationError(f"precision/recall need more than {NEAREST_K} {role} images (k-nearest neighbours, "
                               f"k={NEAREST_K}); {batch.path} holds {batch.num_images}: drop prec,recall from "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fake_inception import IMAGE_SIDE, make_images, make_random_inception_state
+from fake_inception import IMAGE_SIDE, StandInExtractor, make_images, make_random_inception_state
 
 from evaluation.inception import InceptionExtractor, InceptionWeights
 
@@ -60,6 +60,12 @@ def weights(weights_file: Path) -> InceptionWeights:
 @pytest.fixture(scope="session")
 def extractor(weights: InceptionWeights) -> InceptionExtractor:
     return InceptionExtractor(weights, "cpu", batch_size=8)
+
+
+@pytest.fixture
+def stand_in(weights: InceptionWeights) -> StandInExtractor:
+    """The cheap stand-in network (fresh, so its `calls` counter starts at 0)."""
+    return StandInExtractor(weights, "cpu", batch_size=4)
 
 
 def make_flat_images(seed: int, n: int, side: int = IMAGE_SIDE) -> np.ndarray:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import subprocess
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +16,15 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
-from adm_numpy import is_adm_numpy
+from adm_numpy import fid_adm_numpy, is_adm_numpy
+from fake_inception import StandInExtractor
+from PIL import Image
 from scipy.spatial.distance import cdist
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from evaluation import reference_cache
 from evaluation import report as report_module
+from evaluation.errors import EvaluationError
 from evaluation.evaluator import evaluate, main
 from evaluation.inception import InceptionExtractor
 from evaluation.inputs import check_batch
@@ -261,6 +265,110 @@ def test_bad_inputs_give_one_error_line(tmp_path: Path, batch_files: tuple[Path,
         assert rc == 2, name
         assert out == "", name
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, err)
+
+
+# --------------------------------------------------------------------------------------------- fail fast (issue 11)
+
+FAIL_FAST_S = 10  # "within seconds" on a loaded 2-core machine: a bad input costs no Inception pass
+
+
+@pytest.fixture
+def inception_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the batches the real network is asked to extract."""
+    calls: list[int] = []
+    real = InceptionExtractor.extract
+
+    def counting(self: InceptionExtractor, images: np.ndarray) -> dict[str, torch.Tensor]:
+        calls.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(InceptionExtractor, "extract", counting)
+    return calls
+
+
+def _write_pngs(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def _late_failures(folder: Path, ref: Path, sample: Path, sample_images: np.ndarray) -> dict[str, tuple[list, str]]:
+    """Inputs that used to fail only after the Inception pass (issue 11 items 6, 7, 9)."""
+    cases: dict[str, tuple[list, str]] = {}
+    np.savez(folder / "ref3.npz", arr_0=sample_images[:3])
+    cases["too few for precision/recall"] = ([str(folder / "ref3.npz"), str(sample)], "more than 3 reference")
+    cases["--json folder missing"] = ([str(ref), str(sample), "--json", str(folder / "nope" / "r.json")],
+                                      "--json")
+    cases["--json is a folder"] = ([str(ref), str(sample), "--json", str(folder)], "is a folder")
+    mu = np.zeros(2048)
+    mu[5] = np.nan
+    np.savez(folder / "nan_mu.npz", arr_0=sample_images, mu=mu, sigma=np.eye(2048))
+    cases["NaN in mu"] = ([str(folder / "nan_mu.npz"), str(sample), "--metrics", "fid"], "mu contains NaN")
+    pngs = _write_pngs(folder / "pngs", sample_images)
+    Image.fromarray(sample_images[0, :16, :16]).save(pngs / "000008.png")
+    cases["one PNG of another size"] = ([str(ref), str(pngs)], "000008.png is 16x16")
+    np.savez(folder / "stats_only.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
+             sigma_s=np.eye(2023))
+    cases["statistics only, precision asked"] = ([str(folder / "stats_only.npz"), str(sample)],
+                                                 "are needed for Precision, Recall; with these statistics use "
+                                                 "--metrics fid,sfid")
+    (folder / "weights.txt").write_text("these are not weights\n")
+    cases["text file as weights"] = ([str(ref), str(sample), "--inception-weights", str(folder / "weights.txt")],
+                                     "--inception-weights")
+    cases["--bootstrap 1"] = ([str(ref), str(sample), "--bootstrap", "1"], "--bootstrap 1")
+    return cases
+
+
+def test_bad_inputs_fail_before_any_inception_work(tmp_path: Path, batch_files: tuple[Path, Path],
+                                                   sample_images: np.ndarray, weights_file: Path,
+                                                   inception_calls: list[int]):
+    ref, sample = batch_files
+    for name, (argv, fragment) in _late_failures(tmp_path, ref, sample, sample_images).items():
+        t0 = time.perf_counter()
+        rc, out, err = run_main(["--inception-weights", str(weights_file), "--device", "cpu", "--no-cache", *argv])
+        lines = err.strip().splitlines()
+        assert rc == 2 and out == "", (name, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, err)
+        assert inception_calls == [] and time.perf_counter() - t0 < FAIL_FAST_S, name
+    assert not list(tmp_path.glob("**/*.json"))
+
+
+def test_text_weights_name_the_flag(tmp_path: Path, batch_files: tuple[Path, Path]):
+    text = tmp_path / "weights.txt"
+    text.write_text("101 not a checkpoint")
+    rc, _, err = run_main([*map(str, batch_files), "--inception-weights", str(text), "--device", "cpu"])
+    assert rc == 2 and err.startswith(f"error: --inception-weights {text} is not a PyTorch weights file")
+    assert "KeyError" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_names_work_as_metrics(cli_run: dict, batch_files: tuple[Path, Path], weights_file: Path):
+    """`--metrics precision,recall` (the report's keys) = `prec,recall`; the reference comes from the cache."""
+    rc, out, err = run_main([*map(str, batch_files), "--metrics", "recall,precision", "--inception-weights",
+                             str(weights_file), "--device", "cpu", "--cache-dir", str(cli_run["cache"])])
+    assert rc == 0, err
+    assert out.splitlines() == [f"Precision: {cli_run['json']['precision']}", f"Recall: {cli_run['json']['recall']}"]
+
+
+def test_statistics_only_reference_serves_fid_and_sfid(tmp_path: Path, stand_in: StandInExtractor,
+                                                       ref_images: np.ndarray, sample_images: np.ndarray):
+    """FID and sFID need only mu/sigma (mu_s/sigma_s) of the reference (issue 11 item 6)."""
+    ref_feats = {k: v.double().numpy() for k, v in stand_in.extract(ref_images).items()}
+    rng = np.random.default_rng(3)
+    stats = {"mu": ref_feats["pool"].mean(0), "sigma": np.diag(rng.uniform(0.5, 1.0, 16)),
+             "mu_s": ref_feats["spatial"].mean(0), "sigma_s": np.diag(rng.uniform(0.5, 1.0, 12))}
+    ref, sample = tmp_path / "stats.npz", tmp_path / "sample.npz"
+    np.savez(ref, **stats)
+    np.savez(sample, arr_0=sample_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate(ref, sample, stand_in, ["fid", "sfid"], cache_dir=None)
+    feats = {k: v.double().numpy() for k, v in stand_in.extract(sample_images).items()}
+    assert report["fid"] == pytest.approx(fid_adm_numpy(feats["pool"], stats["mu"], stats["sigma"]), rel=1e-6)
+    assert report["sfid"] == pytest.approx(fid_adm_numpy(feats["spatial"], stats["mu_s"], stats["sigma_s"]), rel=1e-6)
+    assert report["num_reference"] is None and report["reference_statistics"] == "given in the file"
+    with pytest.raises(EvaluationError, match=r"the reference images \(arr_0\) are needed for Precision;"):
+        evaluate(ref, sample, stand_in, ["fid", "precision"], cache_dir=None)
 
 
 def test_one_and_two_processes_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_file: Path,
