@@ -57,7 +57,8 @@ class BatchFeatures:
 def _index_tensor(indices: Indices, count: int, device: torch.device) -> torch.Tensor:
     if isinstance(indices, (int, np.integer)):
         return torch.arange(int(indices), int(indices) + count, device=device)
-    idx = torch.as_tensor(np.asarray(indices) if isinstance(indices, Sequence) else indices, dtype=torch.int64)
+    idx = (indices.to(torch.int64) if isinstance(indices, torch.Tensor)
+           else torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)))
     if idx.shape != (count,):
         raise EvaluationError(f"{count} images given with {tuple(idx.shape)} indices")
     return idx.to(device)

@@ -287,7 +287,7 @@ class InceptionExtractor:
     def extract(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """Features of uint8 NHWC images [B, H, W, 3] -> float32 tensors on `self.device`:
         `pool` [B, 2048], `spatial` [B, 2023] and, with a classifier, `logits` [B, 1008]."""
-        x = torch.as_tensor(images)
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 NHWC images, got {x.dtype} {tuple(x.shape)}")
         parts: list[dict[str, torch.Tensor]] = []

@@ -39,3 +39,29 @@ def manifold_decisions_adm_numpy(ref: np.ndarray, sample: np.ndarray, k: int = 3
     sample_radii = np.partition(sq_dist(sample, sample), k, axis=1)[:, k]
     d = sq_dist(ref, sample)  # [Nr, Ns]
     return (d <= ref_radii[:, None]).any(axis=0), (d <= sample_radii[None, :]).any(axis=1)
+
+
+def adm_report_numpy(ref: dict[str, np.ndarray], sample: dict[str, np.ndarray], k: int = 3) -> dict[str, float]:
+    """ADM's five numbers from per-image features (dicts with pool, spatial, logits rows), all in numpy."""
+    def fid(kind: str) -> float:
+        x = ref[kind].astype(np.float64)
+        return fid_adm_numpy(sample[kind], x.mean(0), np.cov(x, rowvar=False))
+
+    sample_on_ref, ref_on_sample = manifold_decisions_adm_numpy(ref["pool"], sample["pool"], k)
+    return {"inception_score": is_adm_numpy(sample["logits"]), "fid": fid("pool"), "sfid": fid("spatial"),
+            "precision": float(sample_on_ref.mean()), "recall": float(ref_on_sample.mean())}
+
+
+def bootstrap_std_numpy(ref: dict[str, np.ndarray], sample: dict[str, np.ndarray], resamples: int, seed: int,
+                        split_size: int = 5000) -> dict[str, float]:
+    """Standard deviation (ddof 1) of FID, sFID and IS over resamples idx = default_rng([seed, k]).integers(0, N, N)
+    of the sample rows, each resample materialised and scored from scratch; the reference is fixed."""
+    n = len(sample["pool"])
+    values: dict[str, list[float]] = {"fid_std": [], "sfid_std": [], "inception_score_std": []}
+    for r in range(resamples):
+        idx = np.random.default_rng([seed, r]).integers(0, n, n)
+        for key, kind in (("fid_std", "pool"), ("sfid_std", "spatial")):
+            x = ref[kind].astype(np.float64)
+            values[key].append(fid_adm_numpy(sample[kind][idx], x.mean(0), np.cov(x, rowvar=False)))
+        values["inception_score_std"].append(is_adm_numpy(sample["logits"][idx], split_size))
+    return {key: float(np.std(v, ddof=1)) for key, v in values.items()}
