@@ -43,14 +43,6 @@ class FeatureStats:
         self.total = torch.zeros(dim, dtype=torch.float64, device=device)  # [D]
         self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # [D, D]
 
-    @classmethod
-    def from_sums(cls, count: float, total: Array, outer: Array) -> FeatureStats:
-        stats = cls(int(total.shape[0]))
-        stats.count = int(round(float(count)))
-        stats.total = torch.as_tensor(total, dtype=torch.float64)
-        stats.outer = torch.as_tensor(outer, dtype=torch.float64)
-        return stats
-
     def update(self, features: Array, weights: Array | None = None) -> None:
         """Add rows [B, D]; `weights` [B] counts row b weights[b] times (a bootstrap resample)."""
         x = _as_float64(features, self.total.device).reshape(-1, self.dim)
