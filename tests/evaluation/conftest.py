@@ -6,12 +6,16 @@ two small batches are made once per session.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fake_inception import IMAGE_SIDE, make_images, make_random_inception_state
+from fake_inception import IMAGE_SIDE, StandInExtractor, make_images, make_random_inception_state
 
 from evaluation.inception import InceptionExtractor, InceptionWeights
 
@@ -19,10 +23,26 @@ NUM_REF = 8
 NUM_SAMPLE = 8
 
 
+REPO = Path(__file__).resolve().parents[2]
+TORCHRUN_TIMEOUT_S = 180
+
+
 def write_npz(path: Path, images: np.ndarray, **extras: np.ndarray) -> Path:
     np.savez(path, arr_0=images, **extras)
     return path
 
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[[list[str]], subprocess.CompletedProcess]:
+    """Run `torchrun --standalone --nproc_per_node=2 ARGS` (gloo, one CPU thread per rank) from the repository."""
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DIT_CPU_THREADS": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +60,12 @@ def weights(weights_file: Path) -> InceptionWeights:
 @pytest.fixture(scope="session")
 def extractor(weights: InceptionWeights) -> InceptionExtractor:
     return InceptionExtractor(weights, "cpu", batch_size=8)
+
+
+@pytest.fixture
+def stand_in(weights: InceptionWeights) -> StandInExtractor:
+    """The cheap stand-in network (fresh, so its `calls` counter starts at 0)."""
+    return StandInExtractor(weights, "cpu", batch_size=4)
 
 
 def make_flat_images(seed: int, n: int, side: int = IMAGE_SIDE) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import zipfile
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def test_disk_full_names_the_path_and_keeps_written_pngs(tmp_path, images, monke
     writer.submit(tmp_path / "000000.png", images[0])
     writer.wait()
 
-    def full(self, fp, *args, **kwargs):  # noqa: ANN001
+    def full(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", full)
@@ -117,3 +118,49 @@ def test_disk_full_names_the_path_and_keeps_written_pngs(tmp_path, images, monke
     assert not (tmp_path / "000001.png").exists()
     assert batches.png_is_valid(tmp_path / "000000.png")
     assert not batches.png_is_valid(Path(tmp_path / "000001.png"))
+
+
+def _run_folder(folder: Path, images: np.ndarray, num_fid_samples: int | None) -> Path:
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / index_filename(i, len(images)))
+    Image.fromarray(images[0]).save(folder / "grid.png")
+    if num_fid_samples is not None:
+        identity = {"num_fid_samples": num_fid_samples}  # the sampler's also has image_size (square images)
+        (folder / "manifest.json").write_text(json.dumps({"version": 1, "identity": identity}))
+    return folder
+
+
+def test_run_folder_reads_the_manifest_range_and_names_strays(tmp_path, images):
+    """Issue 11 item 5: a run folder of 9 samples plus stray 000016.png/000099.png is 9 images, and says so."""
+    rng = np.random.default_rng(1)
+    strays = rng.integers(0, 256, (2, 6, 6, 3), dtype=np.uint8)  # another size: never read
+    folder = _run_folder(tmp_path / "run", images[:9], num_fid_samples=9)
+    for name, img in zip(("000016.png", "000099.png"), strays):
+        Image.fromarray(img).save(folder / name)
+    with pytest.warns(UserWarning, match=r"reading the 9 images 000000.png..000008.png that its manifest.json "
+                                         r"lists .*ignoring 000016.png, 000099.png"):
+        batch = open_batch(folder)
+    assert batch.num_images == 9 and np.array_equal(batch.read_all(), images[:9])
+
+    bare = _run_folder(tmp_path / "bare", images[:9], num_fid_samples=None)  # no manifest: counts, and says why
+    Image.fromarray(images[9]).save(bare / "000016.png")
+    with pytest.warns(UserWarning, match=r"no manifest.json; reading its 10 index-named PNGs, which are not "
+                                         r"0..9 \(first unexpected: 000016.png\)"):
+        assert open_batch(bare).num_images == 10
+
+
+def test_run_folder_short_of_its_manifest_or_of_another_size(tmp_path, images):
+    short = _run_folder(tmp_path / "short", images[:5], num_fid_samples=6)
+    with pytest.raises(BatchError, match="lacks 1 of the 6 images its manifest.json lists .first: 000005.png"):
+        open_batch(short)
+    sized = _run_folder(tmp_path / "sized", images[:5], num_fid_samples=5)
+    assert open_batch(sized).num_images == 5
+    manifest = json.loads((sized / "manifest.json").read_text())
+    manifest["identity"]["image_size"] = 8
+    (sized / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BatchError, match="the images are 7x6 but its manifest.json says image_size 8"):
+        open_batch(sized)
+    (sized / "manifest.json").write_text("{ not json")
+    with pytest.raises(BatchError, match="manifest.json is unreadable"):
+        open_batch(sized)

@@ -6,27 +6,32 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
-import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch_fidelity
-from adm_numpy import is_adm_numpy
+from adm_numpy import fid_adm_numpy, is_adm_numpy
+from fake_inception import StandInExtractor
+from PIL import Image
 from scipy.spatial.distance import cdist
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from evaluation import evaluator
+from evaluation import reference_cache
+from evaluation import report as report_module
+from evaluation.errors import EvaluationError
 from evaluation.evaluator import evaluate, main
 from evaluation.inception import InceptionExtractor
-from evaluation.metrics import InceptionScoreSums
+from evaluation.inputs import check_batch
+from evaluation.reference_cache import load_reference
+from evaluation.statistics import InceptionScoreSums
 from launch import dist
 
-REPO = Path(__file__).resolve().parents[2]
 ADM_LINES = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 
 
@@ -87,14 +92,16 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture
 def spy_extractions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The labels of the batches run through Inception (reference and sample passes)."""
     labels: list[str] = []
-    real = evaluator.extract_batch
+    real = report_module.extract_batch
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003
-        labels.append(kwargs.get("label", ""))
-        return real(*args, **kwargs)
+    def spy(batch: object, accumulator: object, chunk_size: int, label: str) -> object:
+        labels.append(label)
+        return real(batch, accumulator, chunk_size, label)
 
-    monkeypatch.setattr(evaluator, "extract_batch", spy)
+    monkeypatch.setattr(report_module, "extract_batch", spy)
+    monkeypatch.setattr(reference_cache, "extract_batch", spy)
     return labels
 
 
@@ -151,7 +158,7 @@ def test_fid_and_is_match_torch_fidelity(cli_run: dict, weights_file: Path, ref_
     expected = is_adm_numpy(logits.numpy())
     # Our Inception Score code on torch-fidelity's logits = the numpy ADM definition.
     sums = InceptionScoreSums(len(logits), logits.shape[1])
-    sums.update(logits.numpy(), start=0)
+    sums.update(logits.numpy(), 0)
     assert sums.score() == pytest.approx(expected, rel=1e-6)
     # End to end (our channels-last float32 extraction vs torch-fidelity's NCHW one): float32 round-off in the
     # logits, magnified by the test classifier's large weights, is ~1e-6 of IS.
@@ -197,10 +204,11 @@ def test_precomputed_reference_statistics_are_used(tmp_path: Path, extractor: In
              "mu_s": rng.uniform(0, 1, 2023), "sigma_s": np.diag(rng.uniform(0.0, 1e-2, 2023))}
     ref = tmp_path / "adm_ref.npz"
     np.savez(ref, arr_0=ref_images[:4], **given)  # ADM layout; arr_0 only serves precision/recall
-    reference = evaluator.load_reference(evaluator.open_checked(ref, "reference"), {"fid", "sfid"}, extractor,
-                                         cache_dir=None, chunk_size=4)
+    checked = check_batch(ref, "reference", {"fid", "sfid"}, extractor.feature_dims)
+    reference = load_reference(checked, {"fid", "sfid"}, extractor, cache_dir=None, chunk_size=4)
     assert spy_extractions == []  # nothing to extract: both statistics are given
-    for got, (mu, sigma) in ((reference.pool, ("mu", "sigma")), (reference.spatial, ("mu_s", "sigma_s"))):
+    for kind, (mu, sigma) in (("pool", ("mu", "sigma")), ("spatial", ("mu_s", "sigma_s"))):
+        got = reference.statistics[kind]
         np.testing.assert_array_equal(got[0], given[mu])
         np.testing.assert_array_equal(got[1], given[sigma])
     sample = tmp_path / "sample4.npz"
@@ -259,8 +267,113 @@ def test_bad_inputs_give_one_error_line(tmp_path: Path, batch_files: tuple[Path,
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, err)
 
 
+# --------------------------------------------------------------------------------------------- fail fast (issue 11)
+
+FAIL_FAST_S = 10  # "within seconds" on a loaded 2-core machine: a bad input costs no Inception pass
+
+
+@pytest.fixture
+def inception_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the batches the real network is asked to extract."""
+    calls: list[int] = []
+    real = InceptionExtractor.extract
+
+    def counting(self: InceptionExtractor, images: np.ndarray) -> dict[str, torch.Tensor]:
+        calls.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(InceptionExtractor, "extract", counting)
+    return calls
+
+
+def _write_pngs(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def _late_failures(folder: Path, ref: Path, sample: Path, sample_images: np.ndarray) -> dict[str, tuple[list, str]]:
+    """Inputs that used to fail only after the Inception pass (issue 11 items 6, 7, 9)."""
+    cases: dict[str, tuple[list, str]] = {}
+    np.savez(folder / "ref3.npz", arr_0=sample_images[:3])
+    cases["too few for precision/recall"] = ([str(folder / "ref3.npz"), str(sample)], "more than 3 reference")
+    cases["--json folder missing"] = ([str(ref), str(sample), "--json", str(folder / "nope" / "r.json")],
+                                      "--json")
+    cases["--json is a folder"] = ([str(ref), str(sample), "--json", str(folder)], "is a folder")
+    mu = np.zeros(2048)
+    mu[5] = np.nan
+    np.savez(folder / "nan_mu.npz", arr_0=sample_images, mu=mu, sigma=np.eye(2048))
+    cases["NaN in mu"] = ([str(folder / "nan_mu.npz"), str(sample), "--metrics", "fid"], "mu contains NaN")
+    pngs = _write_pngs(folder / "pngs", sample_images)
+    Image.fromarray(sample_images[0, :16, :16]).save(pngs / "000008.png")
+    cases["one PNG of another size"] = ([str(ref), str(pngs)], "000008.png is 16x16")
+    np.savez(folder / "stats_only.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
+             sigma_s=np.eye(2023))
+    cases["statistics only, precision asked"] = ([str(folder / "stats_only.npz"), str(sample)],
+                                                 "are needed for Precision, Recall; with these statistics use "
+                                                 "--metrics fid,sfid")
+    (folder / "weights.txt").write_text("these are not weights\n")
+    cases["text file as weights"] = ([str(ref), str(sample), "--inception-weights", str(folder / "weights.txt")],
+                                     "--inception-weights")
+    cases["--bootstrap 1"] = ([str(ref), str(sample), "--bootstrap", "1"], "--bootstrap 1")
+    return cases
+
+
+def test_bad_inputs_fail_before_any_inception_work(tmp_path: Path, batch_files: tuple[Path, Path],
+                                                   sample_images: np.ndarray, weights_file: Path,
+                                                   inception_calls: list[int]):
+    ref, sample = batch_files
+    for name, (argv, fragment) in _late_failures(tmp_path, ref, sample, sample_images).items():
+        t0 = time.perf_counter()
+        rc, out, err = run_main(["--inception-weights", str(weights_file), "--device", "cpu", "--no-cache", *argv])
+        lines = err.strip().splitlines()
+        assert rc == 2 and out == "", (name, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, err)
+        assert inception_calls == [] and time.perf_counter() - t0 < FAIL_FAST_S, name
+    assert not list(tmp_path.glob("**/*.json"))
+
+
+def test_text_weights_name_the_flag(tmp_path: Path, batch_files: tuple[Path, Path]):
+    text = tmp_path / "weights.txt"
+    text.write_text("101 not a checkpoint")
+    rc, _, err = run_main([*map(str, batch_files), "--inception-weights", str(text), "--device", "cpu"])
+    assert rc == 2 and err.startswith(f"error: --inception-weights {text} is not a PyTorch weights file")
+    assert "KeyError" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_names_work_as_metrics(cli_run: dict, batch_files: tuple[Path, Path], weights_file: Path):
+    """`--metrics precision,recall` (the report's keys) = `prec,recall`; the reference comes from the cache."""
+    rc, out, err = run_main([*map(str, batch_files), "--metrics", "recall,precision", "--inception-weights",
+                             str(weights_file), "--device", "cpu", "--cache-dir", str(cli_run["cache"])])
+    assert rc == 0, err
+    assert out.splitlines() == [f"Precision: {cli_run['json']['precision']}", f"Recall: {cli_run['json']['recall']}"]
+
+
+def test_statistics_only_reference_serves_fid_and_sfid(tmp_path: Path, stand_in: StandInExtractor,
+                                                       ref_images: np.ndarray, sample_images: np.ndarray):
+    """FID and sFID need only mu/sigma (mu_s/sigma_s) of the reference (issue 11 item 6)."""
+    ref_feats = {k: v.double().numpy() for k, v in stand_in.extract(ref_images).items()}
+    rng = np.random.default_rng(3)
+    stats = {"mu": ref_feats["pool"].mean(0), "sigma": np.diag(rng.uniform(0.5, 1.0, 16)),
+             "mu_s": ref_feats["spatial"].mean(0), "sigma_s": np.diag(rng.uniform(0.5, 1.0, 12))}
+    ref, sample = tmp_path / "stats.npz", tmp_path / "sample.npz"
+    np.savez(ref, **stats)
+    np.savez(sample, arr_0=sample_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate(ref, sample, stand_in, ["fid", "sfid"], cache_dir=None)
+    feats = {k: v.double().numpy() for k, v in stand_in.extract(sample_images).items()}
+    assert report["fid"] == pytest.approx(fid_adm_numpy(feats["pool"], stats["mu"], stats["sigma"]), rel=1e-6)
+    assert report["sfid"] == pytest.approx(fid_adm_numpy(feats["spatial"], stats["mu_s"], stats["sigma_s"]), rel=1e-6)
+    assert report["num_reference"] is None and report["reference_statistics"] == "given in the file"
+    with pytest.raises(EvaluationError, match=r"the reference images \(arr_0\) are needed for Precision;"):
+        evaluate(ref, sample, stand_in, ["fid", "precision"], cache_dir=None)
+
+
 def test_one_and_two_processes_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_file: Path,
-                                     extractor: InceptionExtractor, ref_images: np.ndarray, sample_images: np.ndarray):
+                                     extractor: InceptionExtractor, ref_images: np.ndarray, sample_images: np.ndarray,
+                                     torchrun: Callable[[list[str]], subprocess.CompletedProcess]):
     ref, sample = tmp_path / "ref6.npz", tmp_path / "sample6.npz"
     # Given (positive definite) reference statistics keep the float64 linear algebra short; the sample's
     # statistics, IS and both feature sets for precision/recall still come from the sharded extraction.
@@ -269,12 +382,9 @@ def test_one_and_two_processes_agree(tmp_path: Path, monkeypatch: pytest.MonkeyP
     np.savez(ref, arr_0=ref_images[:6], **given)
     np.savez(sample, arr_0=sample_images[:6])
     out = tmp_path / "two.json"
-    env = {**os.environ, "DIT_CPU_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "evaluation.evaluator", str(ref), str(sample), "--json", str(out), "--device", "cpu",
-           "--inception-weights", str(weights_file), "--batch-size", "3", "--no-cache",
-           "--metrics", "is,fid,prec,recall"]  # sFID shares FID's code path; each costs seconds of eigvalsh
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(["-m", "evaluation.evaluator", str(ref), str(sample), "--json", str(out), "--device", "cpu",
+                     "--inception-weights", str(weights_file), "--batch-size", "3", "--no-cache",
+                     "--metrics", "is,fid,prec,recall"])  # sFID shares FID's code path; each costs seconds of eigvalsh
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line.split(": ")[0] for line in proc.stdout.strip().splitlines()]
     assert printed == ["Inception Score", "FID", "Precision", "Recall"]  # once, by rank 0

@@ -13,7 +13,9 @@ from PIL import Image
 
 from evaluation.batches import open_batch
 from evaluation.inception import InceptionExtractor
-from evaluation.reference import build_reference, center_crop, choose_subset, main
+from evaluation.reference import main
+from evaluation.reference_batch import build_reference, choose_subset
+from launch.images import center_crop
 
 SIZE = 16
 # (width, height): tall, wide, exactly the target, a BOX halving twice (short side 70 -> 35 -> 17.5 ... )
@@ -138,3 +140,21 @@ def test_a_full_reference_seeds_the_evaluator_cache(tmp_path: Path, image_folder
         fresh = evaluate(out, sample, extractor, metrics=["fid", "prec", "recall"], cache_dir=None)
     for key in ("fid", "precision", "recall"):
         assert cached[key] == pytest.approx(fresh[key], rel=1e-6, abs=1e-9), key
+
+
+def test_upsampled_images_are_counted_in_one_warning(tmp_path: Path, weights_file: Path):
+    """Issue 11 item 9: images smaller than --image-size are upsampled (as ADM does), with one warning."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i, (w, h) in enumerate([(8, 8), (12, 30), (40, 20), (30, 30)]):  # short sides 8, 12 < 16 <= 20, 30
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main([str(folder), "--image-size", "16", "--out", str(tmp_path / "ref.npz"), "--no-cache",
+                   "--inception-weights", str(weights_file), "--device", "cpu"])
+    assert rc == 0, err.getvalue()
+    upsampled = [str(w.message) for w in caught if "upsampled" in str(w.message)]
+    assert upsampled == ["2 of 4 images have a short side below --image-size 16 and were upsampled (bicubic): "
+                         "their statistics describe blurred images"]

@@ -1,0 +1,75 @@
+"""Bootstrap spread of FID, sFID and the Inception Score: `--bootstrap K`.
+
+Resample k (k = 0..K-1) draws N sample images with replacement, `numpy.random.default_rng([seed, k])
+.integers(0, N, N)` (position j of the resample is image idx[j]); the reference stays fixed. Each metric is
+recomputed on every resample and the standard deviation (ddof 1) over the K values is reported as
+`fid_std`, `sfid_std`, `inception_score_std`. It estimates how much the number would move with another draw
+of N images from the same model; it is not the seed-to-seed spread of a training run.
+
+No resample is materialised: a resample's statistics are the per-image features weighted by how often each
+image was drawn (running sums, all-reduced over ranks, each rank summing its share of the images); the
+Inception Score's consecutive splits of the resample become per-split weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from evaluation.features import LOGITS, BatchFeatures
+from evaluation.frechet import frechet_distance
+from evaluation.metrics import FRECHET_FEATURES, JSON_KEYS, METRIC_IS, PRINT_NAMES, STD_SUFFIX
+from evaluation.reference_cache import Reference
+from evaluation.statistics import IS_SPLIT_SIZE, FeatureStats, FewSamplesWarning, InceptionScoreSums
+from launch import dist
+from launch.shard import share_bounds
+
+BOOTSTRAP_DDOF = 1
+
+
+def resample_indices(num_images: int, seed: int, resample: int) -> np.ndarray:
+    """The images drawn (with replacement) by resample number `resample`: idx [N] in 0..N-1."""
+    return np.random.default_rng([seed, resample]).integers(0, num_images, num_images)
+
+
+def _frechet(rows: torch.Tensor, weights: np.ndarray, reference: tuple[np.ndarray, np.ndarray], name: str) -> float:
+    stats = FeatureStats(rows.shape[1], rows.device)
+    stats.update(rows, torch.from_numpy(weights))
+    stats.reduce()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewSamplesWarning)  # said once by the metric itself
+        return dist.main_only(lambda: frechet_distance(stats.mean(), stats.cov(name), *reference, name=name))
+
+
+def _inception_score(logits: torch.Tensor, idx: np.ndarray, rows: tuple[int, int], split_size: int) -> float:
+    n = idx.shape[0]
+    sums = InceptionScoreSums(n, logits.shape[1], split_size, logits.device)
+    weights = np.zeros((sums.num_splits, n))  # [S, N]: how often image i sits in split s of the resample
+    np.add.at(weights, (np.arange(n) // split_size, idx), 1.0)
+    sums.add_weighted(logits, torch.from_numpy(weights[:, rows[0]: rows[1]]))
+    return sums.reduce().score()
+
+
+def bootstrap_spread(reference: Reference, sample: BatchFeatures, metrics: Iterable[str], resamples: int,
+                     seed: int = 0, split_size: int = IS_SPLIT_SIZE) -> dict[str, float]:
+    """`<metric>_std` over `resamples` seeded resamples of the sample's kept per-image features (the rows
+    of `sample.rows` for FID, sFID and the Inception Score; metrics without rows are skipped). A collective."""
+    n = sample.num_images
+    start, stop = share_bounds(n, dist.rank(), dist.world_size())
+    chosen = [m for m in metrics if (m in FRECHET_FEATURES and FRECHET_FEATURES[m] in sample.rows)
+              or (m == METRIC_IS and LOGITS in sample.rows)]
+    values: dict[str, list[float]] = {m: [] for m in chosen}
+    for k in range(resamples):
+        idx = resample_indices(n, seed, k)
+        counts = np.bincount(idx, minlength=n).astype(np.float64)[start:stop]  # this rank's images' weights
+        for m in chosen:
+            if m == METRIC_IS:
+                values[m].append(_inception_score(sample.rows[LOGITS][start:stop], idx, (start, stop), split_size))
+            else:
+                kind = FRECHET_FEATURES[m]
+                values[m].append(_frechet(sample.rows[kind][start:stop], counts, reference.statistics[kind],
+                                          PRINT_NAMES[m]))
+    return {JSON_KEYS[m] + STD_SUFFIX: float(np.std(v, ddof=BOOTSTRAP_DDOF)) for m, v in values.items()}

@@ -1,0 +1,122 @@
+"""Everything about an evaluation's inputs that can be checked before any image goes through Inception.
+
+Each batch is opened (headers only), its stored statistics read and checked (shape, NaN/Inf), and each
+metric's needs met: FID/sFID need the statistics or the images of each side, the Inception Score the sample
+images, precision/recall the images of both sides and more than k of each. A bad input fails here, in
+seconds, with one line naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from evaluation.batches import IMAGES_KEY, STATISTICS_KEYS, ImageBatch, open_batch
+from evaluation.errors import EvaluationError
+from evaluation.inception import INPUT_SIZE
+from evaluation.metrics import ALIASES, FRECHET_FEATURES, MANIFOLD_METRICS, METRIC_IS, METRICS, PRINT_NAMES
+from evaluation.precision_recall import NEAREST_K
+from evaluation.statistics import MIN_COV_IMAGES
+
+Gaussian = tuple[np.ndarray, np.ndarray]  # (mu [D], sigma [D, D]) float64
+BatchInput = str | os.PathLike | ImageBatch
+REFERENCE, SAMPLE = "reference", "sample"
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """An opened batch and the statistics stored in it that the requested Frechet distances will use."""
+
+    batch: ImageBatch
+    given: Mapping[str, Gaussian]  # "pool" / "spatial" -> (mu, sigma); ADM: stored statistics win over images
+
+
+@dataclass(frozen=True)
+class EvaluationInputs:
+    ref: CheckedBatch
+    sample: CheckedBatch
+    metrics: tuple[str, ...]  # short names, ADM's order
+    bootstrap: int = 0  # resamples for the spread of FID/sFID/IS (0: none)
+
+
+def normalise_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    """Short names (or the report's names) -> short names in ADM's order."""
+    names = [m.strip().lower() for m in metrics]
+    unknown = [m for m in names if m not in ALIASES]
+    if unknown:
+        raise EvaluationError(f"unknown metric {', '.join(unknown)}; choose from {','.join(METRICS)}")
+    chosen = {ALIASES[m] for m in names}
+    return tuple(m for m in METRICS if m in chosen)
+
+
+def open_checked(path: BatchInput, role: str) -> ImageBatch:
+    """Open a batch (or take an opened one); a batch with images must hold enough for a covariance."""
+    batch = path if isinstance(path, ImageBatch) else open_batch(path)
+    if batch.has_images and batch.num_images < MIN_COV_IMAGES:
+        raise EvaluationError(f"{role} batch {batch.path} holds {batch.num_images} image(s); the metrics need at "
+                              f"least {MIN_COV_IMAGES}")
+    return batch
+
+
+def given_statistics(batch: ImageBatch, kind: str, dim: int) -> Gaussian | None:
+    """The (mu, sigma) of `kind` stored in `batch`, checked; None when the file has none."""
+    mu_key, sigma_key = STATISTICS_KEYS[kind]
+    if not (batch.has(mu_key) and batch.has(sigma_key)):
+        return None
+    mu, sigma = batch.array(mu_key).astype(np.float64), batch.array(sigma_key).astype(np.float64)
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise EvaluationError(f"{batch.path}: {mu_key}/{sigma_key} have shapes {mu.shape}/{sigma.shape}, "
+                              f"expected ({dim},)/({dim}, {dim})")
+    for key, value in ((mu_key, mu), (sigma_key, sigma)):
+        if not np.all(np.isfinite(value)):
+            raise EvaluationError(f"{batch.path}: {key} contains NaN or Inf; recompute the statistics "
+                                  "(python -m evaluation.reference) or remove them to use arr_0")
+    return mu, sigma
+
+
+def _image_needs(role: str, metrics: tuple[str, ...], given: Mapping[str, Gaussian]) -> list[str]:
+    """The requested metrics that need this side's images."""
+    needs = [m for m, kind in FRECHET_FEATURES.items() if m in metrics and kind not in given]
+    needs += [m for m in metrics if m in MANIFOLD_METRICS or (m == METRIC_IS and role == SAMPLE)]
+    return [m for m in METRICS if m in needs]
+
+
+def check_batch(path: BatchInput, role: str, metrics: Iterable[str], dims: Mapping[str, int]) -> CheckedBatch:
+    """Open `path` as the reference or sample side of an evaluation of `metrics` and check it serves them."""
+    metrics = normalise_metrics(metrics)
+    batch = open_checked(path, role)
+    given = {kind: stats for m, kind in FRECHET_FEATURES.items()
+             if m in metrics and (stats := given_statistics(batch, kind, dims[kind])) is not None}
+    needs = _image_needs(role, metrics, given)
+    if needs and not batch.has_images:
+        names = ", ".join(PRINT_NAMES[m] for m in needs)
+        usable = ",".join(m for m in FRECHET_FEATURES if FRECHET_FEATURES[m] in given) or "nothing"
+        raise EvaluationError(f"{role} batch {batch.path} holds statistics only: the {role} images ({IMAGES_KEY}) "
+                              f"are needed for {names}; with these statistics use --metrics {usable}, or pass a "
+                              f"batch with {IMAGES_KEY}")
+    if set(metrics) & MANIFOLD_METRICS and batch.num_images <= NEAREST_K:
+        raise EvaluationError(f"precision/recall need more than {NEAREST_K} {role} images (k-nearest neighbours, "
+                              f"k={NEAREST_K}); {batch.path} holds {batch.num_images}: drop prec,recall from "
+                              "--metrics or add images")
+    return CheckedBatch(batch, given)
+
+
+def check_inputs(ref: BatchInput, sample: BatchInput, metrics: Iterable[str], dims: Mapping[str, int],
+                 bootstrap: int = 0) -> EvaluationInputs:
+    """Both sides of an evaluation, checked against each other; warns about an unusual resolution pair."""
+    metrics = normalise_metrics(metrics)
+    if bootstrap < 0 or bootstrap == 1:
+        raise EvaluationError(f"--bootstrap {bootstrap}: give 0 (none) or at least 2 resamples")
+    ref_checked, sample_checked = check_batch(ref, REFERENCE, metrics, dims), check_batch(sample, SAMPLE, metrics, dims)
+    if bootstrap and sample_checked.given:
+        raise EvaluationError(f"--bootstrap resamples the sample images, but {sample_checked.batch.path} stores "
+                              "statistics that replace them (as in ADM); drop --bootstrap or remove mu/sigma")
+    r, s = ref_checked.batch, sample_checked.batch
+    if r.has_images and s.has_images and (r.height, r.width) != (s.height, s.width):
+        warnings.warn(f"reference is {r.width}x{r.height} but samples are {s.width}x{s.height}; both are resized to "
+                      f"{INPUT_SIZE}x{INPUT_SIZE} by the network, but the comparison is unusual", stacklevel=2)
+    return EvaluationInputs(ref_checked, sample_checked, metrics, bootstrap)

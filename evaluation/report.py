@@ -1,0 +1,149 @@
+"""ADM's report of a sample batch against a reference batch: `evaluate()` and the metrics of accumulated features.
+
+`evaluate(ref, sample, extractor)` = check the inputs, get the reference statistics (`load_reference`), run the
+sample through a `FeatureAccumulator`, then `report_metrics(reference, features)`. A sampling job that feeds its
+own accumulator batch by batch calls `report_metrics` with it and gets the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch_fidelity
+
+from evaluation.batches import ImageBatch
+from evaluation.bootstrap import bootstrap_spread
+from evaluation.features import (
+    FEATURES,
+    LOGITS,
+    POOL,
+    SPATIAL,
+    BatchFeatures,
+    FeatureAccumulator,
+    FeatureExtractor,
+    extract_batch,
+)
+from evaluation.frechet import frechet_distance
+from evaluation.inputs import EvaluationInputs, Gaussian, check_inputs
+from evaluation.metrics import (
+    FRECHET_FEATURES,
+    JSON_KEYS,
+    MANIFOLD_METRICS,
+    METRIC_IS,
+    METRIC_PREC,
+    METRIC_RECALL,
+    METRICS,
+    PRINT_NAMES,
+)
+from evaluation.precision_recall import precision_recall
+from evaluation.reference_cache import COMPUTED, DEFAULT_CACHE_DIR, GIVEN, Reference, load_reference
+from launch import dist
+
+BatchInput = str | os.PathLike | ImageBatch
+STATS_LABELS = {POOL: "sample pool_3", SPATIAL: "sample spatial"}
+
+
+def report_metrics(reference: Reference, sample: BatchFeatures, metrics: Iterable[str],
+                   sample_given: Mapping[str, Gaussian] | None = None, device: str | torch.device | None = None,
+                   bootstrap: int = 0, bootstrap_seed: int = 0) -> dict[str, float | None]:
+    """The metric keys of the report (inception_score, fid, sfid, precision, recall; `<key>_std` with a
+    bootstrap) from the reference and the sample's combined features. A collective; the same on every rank.
+
+    `sample_given`: statistics stored in the sample file, used instead of its features (ADM's read_statistics).
+    """
+    wanted = set(metrics)
+    given = sample_given or {}
+    report: dict[str, float | None] = {}
+    if METRIC_IS in wanted:
+        report[JSON_KEYS[METRIC_IS]] = sample.inception.score() if sample.inception is not None else None
+    stats = {POOL: sample.pool, SPATIAL: sample.spatial}
+
+    def frechet(m: str) -> float:
+        kind = FRECHET_FEATURES[m]
+        mine = given.get(kind) or (stats[kind].mean(), stats[kind].cov(STATS_LABELS[kind]))
+        return frechet_distance(*mine, *reference.statistics[kind], name=PRINT_NAMES[m])
+
+    # The Frechet distances are a few seconds of float64 linear algebra: rank 0 computes, all ranks receive.
+    report.update(dist.main_only(lambda: {JSON_KEYS[m]: frechet(m) for m in METRICS
+                                          if m in wanted and m in FRECHET_FEATURES}))
+    if wanted & MANIFOLD_METRICS:
+        precision, recall = precision_recall(reference.pool_features, sample.rows[POOL], device=device)
+        report.update({JSON_KEYS[m]: v for m, v in ((METRIC_PREC, precision), (METRIC_RECALL, recall)) if m in wanted})
+    if bootstrap:
+        report.update(bootstrap_spread(reference, sample, [m for m in METRICS if m in wanted], bootstrap,
+                                       bootstrap_seed))
+    return report
+
+
+def sample_accumulator(extractor: FeatureExtractor, inputs: EvaluationInputs) -> FeatureAccumulator | None:
+    """An accumulator computing only what the metrics need of the sample (None: nothing to extract)."""
+    wanted, given = set(inputs.metrics), inputs.sample.given
+    stats = [kind for m, kind in FRECHET_FEATURES.items() if m in wanted and kind not in given]
+    inception_score = METRIC_IS in wanted and extractor.has_logits
+    keep = {POOL} if wanted & MANIFOLD_METRICS else set()
+    if inputs.bootstrap:  # the resamples reweight each image's features
+        keep |= {*stats, *([LOGITS] if inception_score else [])}
+    if not (stats or inception_score or keep):
+        return None
+    return FeatureAccumulator(extractor, inputs.sample.batch.num_images, stats=stats,
+                              inception_score=inception_score, keep=[k for k in FEATURES if k in keep])
+
+
+def evaluate_inputs(inputs: EvaluationInputs, extractor: FeatureExtractor,
+                    cache_dir: Path | None = DEFAULT_CACHE_DIR, chunk_size: int | None = None,
+                    bootstrap_seed: int = 0) -> dict[str, Any]:
+    """`evaluate` of inputs already checked (the CLI checks them before it loads the network)."""
+    chunk_size = chunk_size or extractor.batch_size
+    t0 = time.perf_counter()
+    reference = load_reference(inputs.ref, inputs.metrics, extractor, cache_dir, chunk_size)
+    sample = inputs.sample.batch
+    accumulator = sample_accumulator(extractor, inputs)
+    features = (extract_batch(sample, accumulator, chunk_size, f"samples {sample.path}") if accumulator is not None
+                else BatchFeatures(sample.num_images))
+    report: dict[str, Any] = report_metrics(reference, features, inputs.metrics, inputs.sample.given,
+                                            extractor.device, inputs.bootstrap, bootstrap_seed)
+    if METRIC_IS in inputs.metrics and not extractor.has_logits:
+        report["inception_score_unavailable"] = extractor.weights.is_unavailable_reason()
+    report.update(run_facts(inputs, reference, extractor, time.perf_counter() - t0))
+    if inputs.bootstrap:
+        report["bootstrap"] = {"resamples": inputs.bootstrap, "seed": bootstrap_seed}
+    return report
+
+
+def evaluate(ref_path: BatchInput, sample_path: BatchInput, extractor: FeatureExtractor,
+             metrics: Iterable[str] = METRICS, cache_dir: Path | None = DEFAULT_CACHE_DIR,
+             chunk_size: int | None = None, *, bootstrap: int = 0, bootstrap_seed: int = 0) -> dict[str, Any]:
+    """Compute the requested ADM metrics; returns the JSON report (metric keys map to floats or None).
+    Every input is checked before any image goes through the network. A collective under torchrun."""
+    inputs = check_inputs(ref_path, sample_path, metrics, extractor.feature_dims, bootstrap)
+    return evaluate_inputs(inputs, extractor, cache_dir, chunk_size, bootstrap_seed)
+
+
+def run_facts(inputs: EvaluationInputs, reference: Reference, extractor: FeatureExtractor,
+              seconds: float) -> dict[str, Any]:
+    """Counts, sources, weights, device and versions: what the report says about how it was made."""
+    weights = extractor.weights
+    return {
+        "num_samples": inputs.sample.batch.num_images if inputs.sample.batch.has_images else None,
+        "num_reference": reference.num_images,
+        "reference_statistics": reference.source,
+        "sample_statistics": GIVEN if inputs.sample.given else COMPUTED,
+        "inception_weights": {"path": str(weights.path), "source": weights.source,
+                              "has_classifier": weights.has_classifier},
+        "device": str(extractor.device),
+        "world_size": dist.world_size(),
+        "seconds": round(seconds, 3),
+        "versions": versions(),
+    }
+
+
+def versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "torch_fidelity": torch_fidelity.__version__}
