@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evaluation.batches import NpzWriter  # noqa: E402
+from evaluation.frechet import frechet_distance  # noqa: E402
 from evaluation.inception import (  # noqa: E402
     POOL_DIM,
     SPATIAL_DIM,
@@ -44,7 +45,6 @@ from evaluation.inception import (  # noqa: E402
     InceptionWeightsError,
     resolve_weights,
 )
-from evaluation.metrics import frechet_distance  # noqa: E402
 
 IMAGE_SIDE = 256
 KIB = 1024

@@ -21,18 +21,12 @@ from pathlib import Path
 
 import sample_ddp
 from evaluation.batches import BatchError
-from evaluation.evaluator import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CACHE_DIR,
-    METRICS,
-    EvaluationError,
-    evaluate,
-    format_report,
-    open_checked,
-    parse_metrics,
-)
-from evaluation.inception import InceptionExtractor, InceptionWeightsError, resolve_weights
-from evaluation.metrics import MetricError
+from evaluation.errors import EvaluationError
+from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, InceptionWeightsError, resolve_weights
+from evaluation.inputs import open_checked
+from evaluation.metrics import METRICS, format_report, parse_metrics
+from evaluation.reference_cache import DEFAULT_CACHE_DIR
+from evaluation.report import evaluate
 from launch import dist
 from launch.exits import EXIT_BAD_INPUT, EXIT_OK
 from launch.files import FileWriteError, write_json_atomic
@@ -46,7 +40,7 @@ EXAMPLES = """examples:
       --num-classes 10 --num-fid-samples 1000 --metrics fid,sfid
 every other flag goes to the sampler: see `python sample_ddp.py --help`
 """
-EVAL_ERRORS = (EvaluationError, InceptionWeightsError, MetricError, BatchError, FileWriteError)
+EVAL_ERRORS = (EvaluationError, InceptionWeightsError, BatchError, FileWriteError)
 
 
 class PipelineError(Exception):
