@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,95 @@ def build_networks(cfg: TrainConfig, in_channels: int, input_size: int, num_clas
     return model, arch
 
 
+@dataclass
+class TrainData:
+    """The training items and what the network sees of them."""
+
+    dataset: Any  # items (x, label) keyed by (index, flip)
+    codec: Any  # the VAE codec, or None in pixel space
+    encode_online: bool  # x are images that the codec still encodes at every step
+    class_to_idx: dict[str, int]
+    num_classes: int
+    in_channels: int  # network input channels
+    input_size: int  # network input side
+
+
+def prepare_data(cfg: TrainConfig, device: Any) -> TrainData:
+    """The dataset (and codec) of ``cfg`` with the network input shape and class count it implies."""
+    dataset, codec, encode_online = build_dataset(cfg, device)
+    class_to_idx = dict(dataset.class_to_idx)
+    num_classes = cfg.num_classes if cfg.num_classes is not None else len(class_to_idx)
+    if class_to_idx and len(class_to_idx) != num_classes:
+        raise TrainError(f"--num-classes is {num_classes} but the data have {len(class_to_idx)} classes")
+    x0, _ = dataset[(0, False)]
+    downsample = codec.downsample if encode_online else 1
+    in_channels = codec.latent_channels if encode_online else int(x0.shape[0])
+    return TrainData(
+        dataset, codec, encode_online, class_to_idx, num_classes, in_channels, int(x0.shape[-1]) // downsample
+    )
+
+
+@dataclass
+class TrainState:
+    """The networks and what trains them, all on the training device; ``step`` optimizer steps done."""
+
+    model: Any
+    ema: Any
+    opt: Any
+    t_sampler: Any
+    arch: dict[str, Any]
+    config: dict[str, Any]
+    step: int = 0
+
+
+def to_device(module: Any, device: Any) -> Any:
+    """Move a network to the training device (done before its optimizer exists: see `build_state`)."""
+    return module.to(device)
+
+
+def build_state(cfg: TrainConfig, data: TrainData, device: Any, resume_path: Path | None) -> TrainState:
+    """Networks on ``device`` first, then the optimizer and the resumed state.
+
+    The order matters: `Optimizer.load_state_dict` puts each state tensor (exp_avg, exp_avg_sq) on its
+    parameter's device and dtype, so the parameters must already be where they train.
+    """
+    import torch
+
+    from diffusion.timestep_sampler import create_named_schedule_sampler
+    from models import training as T
+
+    T.seed_everything(T.init_seed(cfg.global_seed))  # the same initial weights on every rank and every run
+    model, arch = build_networks(cfg, data.in_channels, data.input_size, data.num_classes)
+    model = to_device(model, device).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(
+        T.param_groups(model, cfg.label_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    t_sampler = create_named_schedule_sampler(cfg.timestep_sampler, cfg.diffusion_steps)
+    state = TrainState(model, ema, opt, t_sampler, arch, T.checkpoint_config(cfg, arch))
+    if resume_path is not None:
+        resume(state, resume_path, data.class_to_idx)
+    return state
+
+
+def resume(state: TrainState, path: Path, class_to_idx: dict[str, int]) -> None:
+    """Load a train.py checkpoint into ``state`` (networks already on their device)."""
+    from launch import dist
+    from models import training as T
+
+    ckpt = T.load_training_checkpoint(path)
+    T.check_resumable(ckpt["config"], state.config, path)
+    if ckpt["class_to_idx"] != class_to_idx:
+        raise TrainError(f"--resume {path} was trained on another class map than --data-path")
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["opt"])
+    if ckpt.get("timestep_sampler"):  # empty for the uniform sampler: a loss-aware one then starts afresh
+        state.t_sampler.load_state_dict(ckpt["timestep_sampler"])
+    state.step = int(ckpt["step"])
+    dist.print0(f"resumed from {path} at step {state.step}")
+
+
 class KeyBatches:
     """Endless key batches for DataLoader(batch_sampler=...), starting after ``done`` micro-batches."""
 
@@ -327,7 +417,6 @@ def run(cfg: TrainConfig) -> int:
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from diffusion.timestep_sampler import create_named_schedule_sampler
     from launch import dist
     from models import data
     from models import training as T
@@ -340,49 +429,18 @@ def run(cfg: TrainConfig) -> int:
     batch = T.per_process_batch(cfg, info.world_size)
     results = Path(cfg.results_dir)
 
-    dataset, codec, encode_online = build_dataset(cfg, device)
-    class_to_idx = dict(dataset.class_to_idx)
-    num_classes = cfg.num_classes if cfg.num_classes is not None else len(class_to_idx)
-    if class_to_idx and len(class_to_idx) != num_classes:
-        raise TrainError(f"--num-classes is {num_classes} but the data have {len(class_to_idx)} classes")
-    x0, _ = dataset[(0, False)]
-    downsample = codec.downsample if encode_online else 1
-    in_channels = codec.latent_channels if encode_online else int(x0.shape[0])
-    input_size = int(x0.shape[-1]) // downsample
-    T.seed_everything(T.init_seed(cfg.global_seed))  # the same initial weights on every rank and every run
-    model, arch = build_networks(cfg, in_channels, input_size, num_classes)
-    config = T.checkpoint_config(cfg, arch)
-
+    data_ = prepare_data(cfg, device)
+    dataset, codec, encode_online, class_to_idx = data_.dataset, data_.codec, data_.encode_online, data_.class_to_idx
+    num_classes = data_.num_classes
     diffusion = T.build_diffusion(cfg)
-    t_sampler = create_named_schedule_sampler(cfg.timestep_sampler, diffusion)
-    opt = torch.optim.AdamW(
-        T.param_groups(model, cfg.label_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay
+    state = build_state(cfg, data_, device, _resume_path(cfg, results))
+    model, ema, opt, t_sampler, arch, config, step = (
+        state.model, state.ema, state.opt, state.t_sampler, state.arch, state.config, state.step
     )
-    ema = copy.deepcopy(model).requires_grad_(False)
-    step = 0
-
-    resume_path = _resume_path(cfg, results)
-    if resume_path is not None:
-        ckpt = T.load_training_checkpoint(resume_path)
-        T.check_resumable(ckpt["config"], config, resume_path)
-        if ckpt["class_to_idx"] != class_to_idx:
-            raise TrainError(f"--resume {resume_path} was trained on another class map than --data-path")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        if ckpt.get("timestep_sampler"):  # empty for the uniform sampler: a loss-aware one then starts afresh
-            t_sampler.load_state_dict(ckpt["timestep_sampler"])
-        step = int(ckpt["step"])
-        dist.print0(f"resumed from {resume_path} at step {step}")
-        del ckpt
-
-    model.to(device)
-    ema.to(device).eval()
     if info.world_size > 1:
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         ddp = model
-    model.train()
 
     plan = data.EpochPlan(len(dataset), batch, info.rank, info.world_size, cfg.global_seed, cfg.hflip)
     loader = make_loader(dataset, plan, step * cfg.grad_accum, cfg.num_workers)
