@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from launch.files import atomic_write
 from launch.images import center_crop
+from launch.shard import share_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 DIGITS_SOURCE_SIZE = 8  # sklearn digits are 8x8
@@ -41,6 +42,11 @@ RGB_CHANNELS = 3
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 CHANNEL_CHOICES = (1, 3)
 FLIP_SEED_OFFSET = 0x5F1F  # separates the flip stream from the shuffling stream of the same epoch
+LATENT_CHUNK = 32  # images per VAE encode call; each chunk has its own noise seed (latent_chunk_seed)
+LATENT_SEED_STRIDE = 2**32  # latent_chunk_seed = seed * 2**32 + chunk
+LATENT_SHARDS_KEY = "shards"  # a sharded cache index names its shard files under this key
+LATENT_SHARD_SUFFIX = ".shards"  # shards of cache X live in X.shards/
+LATENT_SHARD_DIGITS = 9  # X.shards/000000000-000000032.pt
 
 
 class DataError(Exception):
@@ -193,62 +199,156 @@ class ImageFolderDataset(Dataset):
 
 
 class LatentDataset(Dataset):
-    """Precomputed latents: ``latents`` [N, 2, C, h, w] (original, mirrored), labels [N]."""
+    """Precomputed latents [N, 2, C, h, w] (original, mirrored) with labels [N], memory-mapped.
+
+    Reads a sharded cache (an index file naming its shards, see :func:`write_latent_index`) or a single
+    file holding ``latents`` and ``labels`` (the format written before caches were sharded).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a data error
-            raise DataError(f"latent file {path} cannot be read ({str(e)[:100]})") from None
-        if not isinstance(blob, dict) or "latents" not in blob or "labels" not in blob:
-            raise DataError(f"latent file {path} is not a latent cache (needs latents, labels)")
-        self.latents = blob["latents"]
-        self.labels = blob["labels"]
+        blob = _load_blob(path)
+        if isinstance(blob, dict) and LATENT_SHARDS_KEY in blob:
+            shards = [_load_shard(path, name) for name in blob[LATENT_SHARDS_KEY]]
+        elif isinstance(blob, dict) and "latents" in blob and "labels" in blob:
+            shards = [blob]
+        else:
+            raise DataError(f"latent file {path} is not a latent cache (needs latents, labels or {LATENT_SHARDS_KEY})")
+        self.parts = [shard["latents"] for shard in shards]  # each [n_i, 2, C, h, w]
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])  # part i holds [starts[i], starts[i+1])
+        self.labels = torch.cat([shard["labels"] for shard in shards])
+        if len(self.labels) != self.starts[-1]:
+            raise DataError(f"latent file {path} has {self.starts[-1]} latents but {len(self.labels)} labels")
         self.class_to_idx = dict(blob.get("class_to_idx") or {})
-        self.meta = {k: v for k, v in blob.items() if k not in ("latents", "labels")}
+        self.meta = {k: v for k, v in blob.items() if k not in ("latents", "labels", LATENT_SHARDS_KEY)}
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """All latents [N, 2, C, h, w] (a copy when the cache has several shards)."""
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
         index, flip = key
-        return self.latents[index, int(bool(flip))].float(), int(self.labels[index])
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][index - self.starts[part], int(bool(flip))].float(), int(self.labels[index])
+
+
+def _load_blob(path: str | os.PathLike) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise DataError(f"latent file {path} cannot be read ({str(e)[:100]}); delete it to re-encode") from None
+
+
+def _load_shard(index: str | os.PathLike, name: str) -> dict[str, Any]:
+    shard = Path(index).parent / name
+    if not shard.is_file():
+        raise DataError(f"latent file {index} names the shard {shard}, which is missing; delete {index} to re-encode")
+    blob = _load_blob(shard)
+    if not isinstance(blob, dict) or "latents" not in blob or "labels" not in blob:
+        raise DataError(f"latent shard {shard} of {index} holds no latents; delete {index} to re-encode")
+    return blob
+
+
+def latent_chunk_seed(seed: int, chunk: int) -> int:
+    """Seed of the posterior noise of chunk ``chunk`` (items [chunk * LATENT_CHUNK, ...)): no world-size term."""
+    return seed * LATENT_SEED_STRIDE + chunk
+
+
+def latent_shard_bounds(num_items: int, part: int, parts: int, chunk: int = LATENT_CHUNK) -> tuple[int, int]:
+    """Items [start, stop) that process ``part`` of ``parts`` encodes: whole chunks, split as `share_bounds`."""
+    first, last = share_bounds(-(-num_items // chunk), part, parts)
+    return first * chunk, min(last * chunk, num_items)
+
+
+def latent_shard_path(index: str | os.PathLike, start: int, stop: int) -> Path:
+    """``<index>.shards/<start>-<stop>.pt`` beside the index file."""
+    index, digits = Path(index), LATENT_SHARD_DIGITS
+    return index.with_name(index.name + LATENT_SHARD_SUFFIX) / f"{start:0{digits}d}-{stop:0{digits}d}.pt"
 
 
 @torch.no_grad()
+def encode_latent_shard(
+    dataset: Dataset,
+    codec: Any,
+    index: str | os.PathLike,
+    start: int,
+    stop: int,
+    seed: int = 0,
+    chunk: int = LATENT_CHUNK,
+    num_workers: int = 0,
+) -> Path:
+    """Encode items [start, stop) and their mirrors (one posterior sample each, as fast-DiT) into one shard.
+
+    ``start`` is a multiple of ``chunk``; chunk k draws its noise from `latent_chunk_seed` (seed, k), so the
+    cache does not depend on how many processes made it. The shard holds ``latents`` float16
+    [n, 2, C, h, w], ``labels`` [n], ``start`` and ``source`` (what it was made from); an existing shard
+    with the same source is kept (an interrupted encoding resumes).
+    """
+    out = latent_shard_path(index, start, stop)
+    source = {"seed": seed, "chunk": chunk, "num_items": len(dataset), "class_to_idx": _class_map(dataset)}
+    if _shard_source(out) == source:
+        return out
+    keys = [[(i, False) for i in range(a, min(a + chunk, stop))] for a in range(start, stop, chunk)]
+    loader = DataLoader(dataset, batch_sampler=keys, num_workers=num_workers)
+    device = getattr(codec, "device", "cpu")
+    latents, labels = [], []
+    for k, (x, y) in enumerate(loader, start=start // chunk):  # x [B, 3, H, W], y [B]
+        generator = torch.Generator(device=device).manual_seed(latent_chunk_seed(seed, k))
+        z = codec.encode(torch.cat([x, x.flip(-1)]), generator=generator).cpu()  # [2B, C, h, w]
+        latents.append(torch.stack([z[: len(y)], z[len(y) :]], dim=1).half())
+        labels.append(y.long())
+    blob = {"latents": torch.cat(latents), "labels": torch.cat(labels), "start": start, "source": source}
+    with atomic_write(out, fsync=True) as f:
+        torch.save(blob, f)
+    return out
+
+
+def _shard_source(shard: Path) -> dict[str, Any] | None:
+    """What an existing shard was made from (None when missing or unreadable)."""
+    if not shard.is_file():
+        return None
+    try:
+        blob = _load_blob(shard)
+    except DataError:
+        return None
+    return blob.get("source") if isinstance(blob, dict) else None
+
+
+def write_latent_index(
+    index: str | os.PathLike, shards: list[Path], class_to_idx: dict[str, int], extra: dict[str, Any] | None = None
+) -> Path:
+    """The cache file: shard names relative to its folder, in item order, with the class map and ``extra``."""
+    index = Path(index)
+    names = [str(Path(shard).relative_to(index.parent)) for shard in shards]
+    blob = {LATENT_SHARDS_KEY: names, "class_to_idx": dict(class_to_idx), **(extra or {})}
+    with atomic_write(index, fsync=True) as f:
+        torch.save(blob, f)
+    return index
+
+
 def precompute_latents(
     dataset: Dataset,
     codec: Any,
     out: str | os.PathLike,
-    batch_size: int = 32,
+    batch_size: int = LATENT_CHUNK,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> Path:
-    """Encode every image and its mirror once (one posterior sample each, as fast-DiT) -> latent cache file.
+    """Encode the whole dataset in this process (one shard) and write the cache index ``out``.
 
-    The file holds ``latents`` float16 [N, 2, C, h, w], ``labels`` [N], ``class_to_idx`` and ``extra``
-    (e.g. image_size, vae); written atomically.
+    Several processes split the work with `latent_shard_bounds` + `encode_latent_shard` each, then one
+    `write_latent_index` (train.py does this); both give the same cache.
     """
-    generator = torch.Generator(device=getattr(codec, "device", "cpu")).manual_seed(seed)
-    chunks, labels = [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[(i, False)] for i in range(start, min(start + batch_size, len(dataset)))]
-        x = torch.stack([im for im, _ in items])  # [B, 3, H, W]
-        both = torch.cat([x, x.flip(-1)])  # [2B, 3, H, W]
-        z = codec.encode(both, generator=generator).cpu()  # [2B, C, h, w]
-        chunks.append(torch.stack([z[: len(items)], z[len(items) :]], dim=1).half())
-        labels.extend(lbl for _, lbl in items)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "latents": torch.cat(chunks),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "class_to_idx": dict(getattr(dataset, "class_to_idx", {})),
-        **(extra or {}),
-    }
-    with atomic_write(out, fsync=True) as f:
-        torch.save(blob, f)
-    return out
+    shard = encode_latent_shard(dataset, codec, out, 0, len(dataset), seed, batch_size, num_workers)
+    return write_latent_index(out, [shard], _class_map(dataset), extra)
+
+
+def _class_map(dataset: Dataset) -> dict[str, int]:
+    return dict(getattr(dataset, "class_to_idx", {}))
 
 
 # ------------------------------------------------------------------------------------------ data order

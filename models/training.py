@@ -27,7 +27,7 @@ from torch import nn
 
 from diffusion import LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from launch.files import atomic_write
+from launch.files import atomic_write, available_cpus
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
 
@@ -47,6 +47,7 @@ DATASETS = ("folder", "latents", "digits")
 PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_AUTO = "auto"
 RESUME_NONE = "none"
+AUTO_WORKERS_MAX = 8  # image decoding keeps a GPU fed with a few workers; more only cost memory and start-up
 ARCH_KEYS = (
     "depth",
     "hidden_size",
@@ -77,7 +78,7 @@ class TrainConfig:
     vae: str = "ema"
     vae_path: str | None = None
     latent_cache: str | None = None
-    num_workers: int = 0
+    num_workers: int | None = None  # None: image_workers() decides
     # model
     model: str = "DiT-XL/2"
     depth: int | None = None
@@ -189,6 +190,8 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainError("--noise-offset and --input-perturbation must be >= 0")
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise TrainError(f"--num-classes must be >= 1, got {cfg.num_classes}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
 
 
 def architecture(cfg: TrainConfig) -> dict[str, int]:
@@ -207,6 +210,15 @@ def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
             f"--grad-accum {cfg.grad_accum}"
         )
     return cfg.global_batch_size // parts
+
+
+def image_workers(cfg: TrainConfig, local_world_size: int) -> int:
+    """DataLoader workers per process for decoding images: ``--num-workers``, or by default the CPUs this job
+    may use (`available_cpus`, i.e. its affinity mask, not the node's count) shared by the processes on the
+    node, one left to each main process, at most AUTO_WORKERS_MAX."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return max(0, min(AUTO_WORKERS_MAX, available_cpus() // max(1, local_world_size) - 1))
 
 
 # ------------------------------------------------------------------------------------------ randomness
@@ -325,12 +337,31 @@ def ema_decay_at(step: int, decay: float, warmup: bool = False) -> float:
     return decay
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all tensors), the default elsewhere.
+
+    Build it once the model is on ``device``: `load_state_dict` then puts the state beside the parameters.
+    """
+    groups = param_groups(model, cfg.label_lr_mult)
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter (frozen ones included)."""
+    """ema <- decay * ema + (1 - decay) * model, for every parameter (frozen ones included).
+
+    Two multi-tensor ops (`_foreach_mul_`, `_foreach_add_`) instead of two kernels per tensor; the same
+    operations as ``e.mul_(decay).add_(p, alpha=1 - decay)`` tensor by tensor, so the same numbers.
+    """
     ema_params = dict(ema.named_parameters())
+    targets, sources = [], []
     for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach().to(ema_params[name].dtype), alpha=1.0 - decay)
+        target = ema_params[name]
+        targets.append(target)
+        sources.append(param.detach().to(target.dtype))
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, sources, alpha=1.0 - decay)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -145,3 +145,42 @@ def test_grey_channel_option_keeps_the_grey_value():
     x1, _ = grey[(2, False)]
     assert x3.shape == (3, 32, 32) and x1.shape == (1, 32, 32)
     np.testing.assert_allclose(x1[0].numpy(), images[2, :, :, 0] / 127.5 - 1, atol=1e-5)
+
+
+class CountingCodec(HalvingCodec):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, x, generator=None):
+        self.calls += 1
+        return super().encode(x, generator)
+
+
+def test_latent_cache_shards_do_not_depend_on_the_number_of_processes(image_folder, tmp_path):
+    """Three processes' shards read back exactly as one process's cache: chunk k's noise comes from (seed, k)."""
+    ds = data.ImageFolderDataset(image_folder, TINY_SIZE)
+    chunk, extra = 5, {"image_size": TINY_SIZE, "vae": "ema"}
+    whole = data.LatentDataset(
+        data.precompute_latents(ds, HalvingCodec(), tmp_path / "one.pt", batch_size=chunk, seed=3, extra=extra)
+    )
+    index = tmp_path / "three.pt"
+    bounds = [data.latent_shard_bounds(len(ds), part, 3, chunk) for part in range(3)]
+    assert bounds == [(0, 5), (5, 10), (10, 16)]  # whole chunks (4 of them), split evenly
+    shards = [data.encode_latent_shard(ds, HalvingCodec(), index, a, b, seed=3, chunk=chunk) for a, b in bounds]
+    assert [p.name for p in shards] == ["000000000-000000005.pt", "000000005-000000010.pt", "000000010-000000016.pt"]
+    split = data.LatentDataset(data.write_latent_index(index, shards, ds.class_to_idx, extra))
+    assert len(split) == len(whole) == len(ds) and split.meta == whole.meta
+    assert torch.equal(split.latents, whole.latents) and torch.equal(split.labels, whole.labels)
+    for i in (0, 4, 5, 9, 10, 15):
+        for flip in (False, True):
+            z, label = split[(i, flip)]
+            assert torch.equal(z, whole.latents[i, int(flip)].float()) and label == ds[(i, False)][1]
+    # a finished shard is kept when the encoding is rerun (an interrupted build resumes); another seed redoes it
+    codec = CountingCodec()
+    data.encode_latent_shard(ds, codec, index, *bounds[1], seed=3, chunk=chunk)
+    assert codec.calls == 0
+    data.encode_latent_shard(ds, codec, index, *bounds[1], seed=4, chunk=chunk)
+    assert codec.calls == 1
+    shards[2].unlink()
+    with pytest.raises(data.DataError, match="missing"):
+        data.LatentDataset(index)
