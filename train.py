@@ -402,7 +402,15 @@ def build_state(
 
 
 def resume_path(cfg: TrainConfig, results: Path) -> Path | None:
-    """The checkpoint to resume from: ``--resume`` auto (newest in --results-dir), none, or a file."""
+    """The checkpoint to resume from, chosen by rank 0 and sent to every rank.
+
+    ``--resume`` auto (newest in --results-dir), none, or a file. One listing for all: a stale NFS
+    directory cache on one node must not start its ranks from another step than the rest.
+    """
+    return dist.main_only(lambda: _find_resume_path(cfg, results))
+
+
+def _find_resume_path(cfg: TrainConfig, results: Path) -> Path | None:
     if cfg.resume == T.RESUME_NONE:
         return None
     if cfg.resume == T.RESUME_AUTO:

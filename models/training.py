@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from torch import nn
 
 from diffusion import LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from launch.files import atomic_write, available_cpus
+from launch.files import atomic_write, available_cpus, os_reason
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
 
@@ -408,15 +409,29 @@ def prune_checkpoints(results_dir: str | os.PathLike, limit: int | None) -> list
     return removed
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A train.py checkpoint (weights_only load) with every key needed to resume."""
+def load_training_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict[str, Any]:
+    """A train.py checkpoint with every key needed to resume (weights_only load).
+
+    Memory-mapped when the file has torch's zip format (every train.py checkpoint): the ranks of a node
+    share the page cache instead of each holding the whole file in RAM. Any unreadable, truncated or foreign
+    file is one TrainError line naming it (``flag`` names the option it came from).
+    """
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one error line
-        raise TrainError(f"--resume {path} cannot be read ({str(e).splitlines()[0][:100]})") from None
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise TrainError(f"{flag} {path} cannot be read ({os_reason(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception:
+        raise TrainError(
+            f"{flag} {path} is truncated, damaged or not a torch checkpoint ({path.stat().st_size} bytes); "
+            f"delete it or pass another {flag}"
+        ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(obj, dict) or k not in obj]
     if missing:
-        raise TrainError(f"--resume {path} is not a train.py checkpoint (missing {', '.join(missing)})")
+        raise TrainError(f"{flag} {path} is not a train.py checkpoint (missing {', '.join(missing)})")
     return obj
 
 
@@ -445,7 +460,7 @@ def format_seconds(seconds: float) -> str:
 
 def export_ema(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Keep only what sampling needs: {"ema", "config", "class_to_idx", "step"} (for shipping weights)."""
-    obj = load_training_checkpoint(src)
+    obj = load_training_checkpoint(src, flag="--export")
     slim = {k: obj[k] for k in ("ema", "config", "class_to_idx", "step")}
     slim["ema"] = {k: v.clone() for k, v in slim["ema"].items()}  # no views into the optimizer blob
     return save_checkpoint(slim, dst)
