@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from diffusion import create_diffusion, guided_model
 from diffusion.rng import SampleNoise, sample_seed
@@ -279,13 +280,12 @@ def build_dataset(cfg: TrainConfig, info: dist.DistInfo) -> tuple[Dataset, Any, 
 
 def build_latent_cache(cfg: TrainConfig, dataset: Dataset, codec: Any, info: dist.DistInfo) -> None:
     """Every rank encodes its own shard of the images; rank 0 then writes the index naming all shards."""
-    bounds = [data.latent_shard_bounds(len(dataset), r, info.world_size) for r in range(info.world_size)]
-    start, stop = bounds[info.rank]
     workers = T.image_workers(cfg, info.local_world_size)
-    if stop > start:
-        data.encode_latent_shard(dataset, codec, cfg.latent_cache, start, stop, cfg.global_seed, num_workers=workers)
+    data.encode_latent_shard(
+        dataset, codec, cfg.latent_cache, info.rank, info.world_size, cfg.global_seed, num_workers=workers
+    )
     dist.barrier()
-    shards = [data.latent_shard_path(cfg.latent_cache, a, b) for a, b in bounds if b > a]
+    shards = data.latent_shards(cfg.latent_cache, len(dataset), info.world_size)
     extra = {"image_size": cfg.image_size, "vae": cfg.vae}
     dist.main_only(lambda: data.write_latent_index(cfg.latent_cache, shards, dataset.class_to_idx, extra))
 
@@ -617,8 +617,6 @@ class Trainer:
 def _progress_bar(cfg: TrainConfig, step: int, main: bool) -> Any:
     if not (cfg.progress and main and sys.stderr.isatty()):
         return None
-    from tqdm.auto import tqdm  # only on a terminal
-
     return tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from launch.files import atomic_write
+from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, atomic_write
 from launch.images import center_crop
 from launch.shard import share_bounds
 
@@ -112,8 +115,6 @@ def digits_classifier(size: int = DIGITS_SIZE) -> Any:
 
 def export_digits(out_dir: str | os.PathLike, size: int = DIGITS_SIZE) -> Path:
     """Write the demo digits as an image folder ``out_dir/<digit>/<index>.png`` (for reference batches)."""
-    from PIL import Image
-
     images, labels = digits_uint8(size)
     out = Path(out_dir)
     for i, (image, label) in enumerate(zip(images, labels)):
@@ -185,8 +186,6 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         index, flip = key
         path, label = self.samples[index]
         try:
@@ -269,24 +268,34 @@ def latent_shard_path(index: str | os.PathLike, start: int, stop: int) -> Path:
     return index.with_name(index.name + LATENT_SHARD_SUFFIX) / f"{start:0{digits}d}-{stop:0{digits}d}.pt"
 
 
+def latent_shards(index: str | os.PathLike, num_items: int, parts: int, chunk: int = LATENT_CHUNK) -> list[Path]:
+    """The shard files of a cache made by ``parts`` processes, in item order (a process without items has none)."""
+    bounds = [latent_shard_bounds(num_items, part, parts, chunk) for part in range(parts)]
+    return [latent_shard_path(index, start, stop) for start, stop in bounds if stop > start]
+
+
 @torch.no_grad()
 def encode_latent_shard(
     dataset: Dataset,
     codec: Any,
     index: str | os.PathLike,
-    start: int,
-    stop: int,
+    part: int = 0,
+    parts: int = 1,
     seed: int = 0,
     chunk: int = LATENT_CHUNK,
     num_workers: int = 0,
-) -> Path:
-    """Encode items [start, stop) and their mirrors (one posterior sample each, as fast-DiT) into one shard.
+) -> Path | None:
+    """Encode process ``part``'s share of the images and their mirrors (one posterior sample each, as fast-DiT).
 
-    ``start`` is a multiple of ``chunk``; chunk k draws its noise from `latent_chunk_seed` (seed, k), so the
-    cache does not depend on how many processes made it. The shard holds ``latents`` float16
-    [n, 2, C, h, w], ``labels`` [n], ``start`` and ``source`` (what it was made from); an existing shard
-    with the same source is kept (an interrupted encoding resumes).
+    The share is whole chunks (`latent_shard_bounds`); chunk k draws its noise from `latent_chunk_seed`
+    (seed, k), so the cache does not depend on how many processes made it. The shard holds ``latents``
+    float16 [n, 2, C, h, w], ``labels`` [n], ``start`` and ``source`` (what it was made from); an existing
+    shard with the same source is kept (an interrupted encoding resumes). None when the share is empty.
+    After every part is encoded, one process writes the cache file with `write_latent_index`.
     """
+    start, stop = latent_shard_bounds(len(dataset), part, parts, chunk)
+    if stop <= start:
+        return None
     out = latent_shard_path(index, start, stop)
     source = {"seed": seed, "chunk": chunk, "num_items": len(dataset), "class_to_idx": _class_map(dataset)}
     if _shard_source(out) == source:
@@ -320,31 +329,14 @@ def _shard_source(shard: Path) -> dict[str, Any] | None:
 def write_latent_index(
     index: str | os.PathLike, shards: list[Path], class_to_idx: dict[str, int], extra: dict[str, Any] | None = None
 ) -> Path:
-    """The cache file: shard names relative to its folder, in item order, with the class map and ``extra``."""
+    """The cache file ``index``: its shards' names (relative to its folder, in item order), the class map and
+    ``extra`` (e.g. image_size, vae). `LatentDataset` reads it."""
     index = Path(index)
     names = [str(Path(shard).relative_to(index.parent)) for shard in shards]
     blob = {LATENT_SHARDS_KEY: names, "class_to_idx": dict(class_to_idx), **(extra or {})}
     with atomic_write(index, fsync=True) as f:
         torch.save(blob, f)
     return index
-
-
-def precompute_latents(
-    dataset: Dataset,
-    codec: Any,
-    out: str | os.PathLike,
-    batch_size: int = LATENT_CHUNK,
-    seed: int = 0,
-    extra: dict[str, Any] | None = None,
-    num_workers: int = 0,
-) -> Path:
-    """Encode the whole dataset in this process (one shard) and write the cache index ``out``.
-
-    Several processes split the work with `latent_shard_bounds` + `encode_latent_shard` each, then one
-    `write_latent_index` (train.py does this); both give the same cache.
-    """
-    shard = encode_latent_shard(dataset, codec, out, 0, len(dataset), seed, batch_size, num_workers)
-    return write_latent_index(out, [shard], _class_map(dataset), extra)
 
 
 def _class_map(dataset: Dataset) -> dict[str, int]:
@@ -423,9 +415,9 @@ def _main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         out = export_digits(a.export_digits, a.image_size)
-    except DataError as e:
-        print(f"error: {e}", flush=True)
-        return 2
+    except (DataError, FileWriteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print(f"wrote {sum(1 for _ in out.rglob('*.png'))} images to {out}")
     return 0
 

@@ -14,10 +14,12 @@ Checkpoint format (``torch.load(weights_only=True)`` safe: tensors, dicts, lists
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ from torch import nn
 
 from diffusion import LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from launch.files import atomic_write, available_cpus, os_reason
+from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, atomic_write, available_cpus, os_reason
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
 
@@ -467,16 +470,14 @@ def export_ema(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(description="Write the EMA weights of a train.py checkpoint to a small file.")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"), required=True)
     a = p.parse_args(argv)
     try:
         out = export_ema(*a.export)
-    except TrainError as e:
-        print(f"error: {e}")
-        return 2
+    except (TrainError, FileWriteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

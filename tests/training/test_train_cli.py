@@ -150,9 +150,8 @@ def test_two_processes_encode_the_latent_cache_and_share_the_timestep_history(tm
     assert len(cached) == 80 and cached.class_to_idx == folder.class_to_idx
     assert cached.labels.tolist() == [label for _, label in folder.samples]
     # the same latents as one process encoding everything (chunk k's noise from (seed, k) on either rank)
-    alone = data.LatentDataset(
-        data.precompute_latents(folder, load_codec("ema", tiny_vae_dir), tmp_path / "alone.pt", seed=0)
-    )
+    one = data.encode_latent_shard(folder, load_codec("ema", tiny_vae_dir), tmp_path / "alone.pt")
+    alone = data.LatentDataset(data.write_latent_index(tmp_path / "alone.pt", [one], folder.class_to_idx))
     torch.testing.assert_close(cached.latents.float(), alone.latents.float(), atol=2e-3, rtol=0)
     # 2 steps x global batch 8: the history holds the losses of both ranks, not only rank 0's 4 per step
     history = load_ckpt(results / "checkpoints" / "0000002.pt")["timestep_sampler"]

@@ -118,9 +118,9 @@ class HalvingCodec:
 
 def test_latent_cache_holds_original_and_mirror(image_folder, tmp_path):
     ds = data.ImageFolderDataset(image_folder, TINY_SIZE)
-    out = data.precompute_latents(
-        ds, HalvingCodec(), tmp_path / "lat.pt", batch_size=5, extra={"image_size": TINY_SIZE, "vae": "ema"}
-    )
+    shard = data.encode_latent_shard(ds, HalvingCodec(), tmp_path / "lat.pt", chunk=5)
+    extra = {"image_size": TINY_SIZE, "vae": "ema"}
+    out = data.write_latent_index(tmp_path / "lat.pt", [shard], ds.class_to_idx, extra)
     cache = data.LatentDataset(out)
     assert len(cache) == len(ds) and cache.class_to_idx == ds.class_to_idx
     assert cache.meta == {"class_to_idx": ds.class_to_idx, "image_size": TINY_SIZE, "vae": "ema"}
@@ -160,14 +160,16 @@ def test_latent_cache_shards_do_not_depend_on_the_number_of_processes(image_fold
     """Three processes' shards read back exactly as one process's cache: chunk k's noise comes from (seed, k)."""
     ds = data.ImageFolderDataset(image_folder, TINY_SIZE)
     chunk, extra = 5, {"image_size": TINY_SIZE, "vae": "ema"}
-    whole = data.LatentDataset(
-        data.precompute_latents(ds, HalvingCodec(), tmp_path / "one.pt", batch_size=chunk, seed=3, extra=extra)
-    )
+    one = tmp_path / "one.pt"
+    alone = data.encode_latent_shard(ds, HalvingCodec(), one, seed=3, chunk=chunk)
+    whole = data.LatentDataset(data.write_latent_index(one, [alone], ds.class_to_idx, extra))
     index = tmp_path / "three.pt"
     bounds = [data.latent_shard_bounds(len(ds), part, 3, chunk) for part in range(3)]
     assert bounds == [(0, 5), (5, 10), (10, 16)]  # whole chunks (4 of them), split evenly
-    shards = [data.encode_latent_shard(ds, HalvingCodec(), index, a, b, seed=3, chunk=chunk) for a, b in bounds]
+    shards = [data.encode_latent_shard(ds, HalvingCodec(), index, part, 3, seed=3, chunk=chunk) for part in range(3)]
+    assert shards == data.latent_shards(index, len(ds), 3, chunk)
     assert [p.name for p in shards] == ["000000000-000000005.pt", "000000005-000000010.pt", "000000010-000000016.pt"]
+    assert data.encode_latent_shard(ds, HalvingCodec(), index, 0, 5, seed=3, chunk=chunk) is None  # 4 chunks, 5 parts
     split = data.LatentDataset(data.write_latent_index(index, shards, ds.class_to_idx, extra))
     assert len(split) == len(whole) == len(ds) and split.meta == whole.meta
     assert torch.equal(split.latents, whole.latents) and torch.equal(split.labels, whole.labels)
@@ -177,9 +179,9 @@ def test_latent_cache_shards_do_not_depend_on_the_number_of_processes(image_fold
             assert torch.equal(z, whole.latents[i, int(flip)].float()) and label == ds[(i, False)][1]
     # a finished shard is kept when the encoding is rerun (an interrupted build resumes); another seed redoes it
     codec = CountingCodec()
-    data.encode_latent_shard(ds, codec, index, *bounds[1], seed=3, chunk=chunk)
+    data.encode_latent_shard(ds, codec, index, 1, 3, seed=3, chunk=chunk)
     assert codec.calls == 0
-    data.encode_latent_shard(ds, codec, index, *bounds[1], seed=4, chunk=chunk)
+    data.encode_latent_shard(ds, codec, index, 1, 3, seed=4, chunk=chunk)
     assert codec.calls == 1
     shards[2].unlink()
     with pytest.raises(data.DataError, match="missing"):
