@@ -36,6 +36,7 @@ from diffusion.rng import SampleNoise, sample_seed
 from diffusion.timestep_sampler import ScheduleSampler, create_named_schedule_sampler
 from launch import dist
 from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, atomic_write, os_reason
 from models import data
 from models import training as T
 from models.checkpoints import CheckpointError
@@ -49,6 +50,8 @@ GRID_MAX_CLASSES = 16
 GRID_SEED = 0  # fixed noise for the grids, so that successive grids show the same samples improving
 RNG_RULE = "torch.manual_seed(global_seed * 2**32 + micro_batch * world_size + rank)"  # stored in checkpoints
 MIN_ELAPSED_S = 1e-9
+CONFIG_NAME = "config.json"  # in --results-dir, beside log.txt, checkpoints/ and samples/
+LOG_NAME = "log.txt"
 
 EXAMPLES = """examples:
   torchrun --nproc_per_node=8 train.py --data-path /data/imagenet/train --model DiT-XL/2 --image-size 256
@@ -591,15 +594,19 @@ class Trainer:
             self.bar.write(line)
         else:
             print(line, flush=True)
-        with open(self.results / "log.txt", "a") as f:
-            f.write(line + "\n")
+        log = self.results / LOG_NAME
+        try:  # appended, so not through atomic_write; a failure is still one line naming the file
+            with open(log, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise FileWriteError(f"cannot write {log}: {os_reason(e)}") from None
 
     def start(self) -> None:
         """config.json and the opening line (rank 0)."""
         cfg, state, info = self.cfg, self.state, self.info
         if info.is_main:
-            self.results.mkdir(parents=True, exist_ok=True)
-            (self.results / "config.json").write_text(json.dumps(state.config, indent=2, sort_keys=True) + "\n")
+            with atomic_write(self.results / CONFIG_NAME, "w") as f:  # creates the results folder too
+                f.write(json.dumps(state.config, indent=2, sort_keys=True) + "\n")
         n_params = sum(p.numel() for p in state.model.parameters())
         dist.print0(
             f"{info.world_size} process(es) on {self.device.type}; {len(self.data.dataset)} items, "
@@ -649,8 +656,8 @@ def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out
         .transpose(0, 2, 1, 3, 4)
         .reshape(GRID_PER_CLASS * h, classes * w, 3)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(grid)).save(out)
+    with atomic_write(out) as f:
+        Image.fromarray(np.ascontiguousarray(grid)).save(f, format="PNG")
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -678,8 +685,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(config_from_args(args))
-    except (TrainError, DataError, CodecError, CheckpointError) as e:
+    except (TrainError, DataError, CodecError, CheckpointError, FileWriteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a folder that cannot be made or read: name it, and the cause
+        print(f"error: {e.filename or 'a file'}: {os_reason(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
 

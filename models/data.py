@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -54,6 +54,38 @@ LATENT_SHARD_DIGITS = 9  # X.shards/000000000-000000032.pt
 
 class DataError(Exception):
     """The training data cannot be used (one-line message naming the path or flag)."""
+
+
+class _KeepWriteError:
+    """A binary file that remembers why a write failed: torch.save reports it as an unrelated RuntimeError."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, b: bytes) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save through `atomic_write` (fsync, rename): a killed job never leaves a half file behind, and a
+    full disk or a file-size limit is `FileWriteError` naming ``path`` (not torch's ``unexpected pos`` error)."""
+    path = Path(path)
+    with atomic_write(path, fsync=True) as f:
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+    return path
 
 
 def to_model_range(images_uint8: torch.Tensor, channels: int = RGB_CHANNELS) -> torch.Tensor:
@@ -118,9 +150,8 @@ def export_digits(out_dir: str | os.PathLike, size: int = DIGITS_SIZE) -> Path:
     images, labels = digits_uint8(size)
     out = Path(out_dir)
     for i, (image, label) in enumerate(zip(images, labels)):
-        folder = out / str(int(label))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i:05d}.png")
+        with atomic_write(out / str(int(label)) / f"{i:05d}.png") as f:
+            Image.fromarray(image).save(f, format="PNG")
     return out
 
 
@@ -310,9 +341,7 @@ def encode_latent_shard(
         latents.append(torch.stack([z[: len(y)], z[len(y) :]], dim=1).half())
         labels.append(y.long())
     blob = {"latents": torch.cat(latents), "labels": torch.cat(labels), "start": start, "source": source}
-    with atomic_write(out, fsync=True) as f:
-        torch.save(blob, f)
-    return out
+    return save_torch(blob, out)
 
 
 def _shard_source(shard: Path) -> dict[str, Any] | None:
@@ -334,9 +363,7 @@ def write_latent_index(
     index = Path(index)
     names = [str(Path(shard).relative_to(index.parent)) for shard in shards]
     blob = {LATENT_SHARDS_KEY: names, "class_to_idx": dict(class_to_idx), **(extra or {})}
-    with atomic_write(index, fsync=True) as f:
-        torch.save(blob, f)
-    return index
+    return save_torch(blob, index)
 
 
 def _class_map(dataset: Dataset) -> dict[str, int]:

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion import LossWeighting, create_diffusion
+from diffusion import DiffusionError, LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from launch.exits import EXIT_BAD_INPUT
-from launch.files import FileWriteError, atomic_write, available_cpus, os_reason
+from launch.files import FileWriteError, available_cpus, os_reason
+from models.data import save_torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
 
@@ -196,6 +197,13 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainError(f"--num-classes must be >= 1, got {cfg.num_classes}")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    try:
+        build_diffusion(cfg)
+    except DiffusionError as e:
+        raise TrainError(
+            f"--noise-schedule {cfg.noise_schedule} with --diffusion-steps {cfg.diffusion_steps} is not a valid "
+            f"process ({e}); use more steps or the cosine schedule"
+        ) from None
 
 
 def architecture(cfg: TrainConfig) -> dict[str, int]:
@@ -394,11 +402,8 @@ def latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save through `atomic_write` (fsync, rename): a killed job never leaves a half file behind."""
-    path = Path(path)
-    with atomic_write(path, fsync=True) as f:
-        torch.save(payload, f)
-    return path
+    """`save_torch`: atomic (a killed job never leaves a half file), a write error is one line naming ``path``."""
+    return save_torch(payload, path)
 
 
 def prune_checkpoints(results_dir: str | os.PathLike, limit: int | None) -> list[Path]:

@@ -93,6 +93,8 @@ def test_two_process_training_then_sampling(tmp_path):
         (["--dataset", "digits", "--class-dropout", "1.5"], "--class-dropout must be in [0, 1)"),
         (["--dataset", "digits", "--use-kl", "--loss-weighting", "p2"], "cannot be combined with --use-kl"),
         (["--dataset", "folder", "--data-path", "/nonexistent/folder", "--vae", "none"], "is not a folder"),
+        (["--dataset", "digits", "--diffusion-steps", "16"], "--noise-schedule linear with --diffusion-steps 16"),
+        (["--dataset", "digits", "--num-workers", "-1"], "--num-workers must be >= 0"),
         (
             [
                 "--dataset",
