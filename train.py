@@ -508,12 +508,12 @@ class Trainer:
         if self.data.encode_online:
             x = self.data.codec.encode(x)
         t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
-        t, weights = to_device_async(t, device), to_device_async(weights, device)
+        t = to_device_async(t, device)
+        importance = to_device_async(weights, device) if self.loss_aware else None  # uniform: all ones
         drop = T.label_drop_mask(x.shape[0], cfg.class_dropout, device)
         sync = micro == cfg.grad_accum - 1 or info.world_size == 1
         with contextlib.nullcontext() if sync else self.ddp.no_sync(), self.autocast():
             kwargs = {"y": y, "force_drop_ids": drop}
-            importance = weights if self.loss_aware else None
             terms = T.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
             loss = terms["loss"].mean() / cfg.grad_accum
         loss.backward()
@@ -530,7 +530,7 @@ class Trainer:
         """
         rows = torch.zeros(self.info.world_size, 2, t.shape[0], dtype=torch.float64, device=self.device)
         rows[self.info.rank, 0] = t
-        rows[self.info.rank, 1] = raw_loss.detach()
+        rows[self.info.rank, 1] = raw_loss
         host = dist.all_reduce_sum(rows).cpu().numpy()
         self.state.t_sampler.update_with_all_losses(host[:, 0].ravel().astype(np.int64), host[:, 1].ravel())
 
@@ -547,8 +547,7 @@ class Trainer:
 
     def log(self) -> None:
         """Mean loss over ranks and micro-batches since the last line (the only host read of the loss)."""
-        totals = torch.stack([self.loss_sum, torch.tensor(float(self.micro_batches), dtype=torch.float64)
-                              .to(self.device)])
+        totals = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.micro_batches))])
         loss_sum, count = dist.all_reduce_sum(totals).tolist()
         step, now = self.state.step, time.perf_counter()
         ips = (step - self.log_step) * self.cfg.global_batch_size / max(now - self.log_start, MIN_ELAPSED_S)
