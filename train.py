@@ -4,6 +4,10 @@
 
 Runs under torchrun (NCCL on GPUs, gloo on CPU) or as a plain ``python train.py``. Checkpoints in
 ``<results-dir>/checkpoints/<step>.pt`` load directly in ``sample_ddp.py --ckpt``.
+
+A training step never waits for the device: the loss and the gradient norm stay there and are read every
+``--log-every`` steps (the loss-aware timestep sampler is the exception: its next draw needs this step's
+losses on the host, one copy per micro-batch).
 """
 
 from __future__ import annotations
@@ -14,17 +18,40 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from diffusion import create_diffusion, guided_model
+from diffusion.rng import SampleNoise, sample_seed
+from diffusion.timestep_sampler import ScheduleSampler, create_named_schedule_sampler
+from launch import dist
 from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, atomic_write, os_reason
+from models import data
+from models import training as T
+from models.checkpoints import CheckpointError
+from models.data import DataError
+from models.dit import DiT
 from models.training import TrainConfig, TrainError
-from models.vae import CODEC_CHOICES
+from models.vae import CODEC_CHOICES, CodecError, PixelCodec, load_codec
 
 GRID_PER_CLASS = 4  # sample grid: up to GRID_PER_CLASS images of each of the first GRID_MAX_CLASSES classes
 GRID_MAX_CLASSES = 16
 GRID_SEED = 0  # fixed noise for the grids, so that successive grids show the same samples improving
+RNG_RULE = "torch.manual_seed(global_seed * 2**32 + micro_batch * world_size + rank)"  # stored in checkpoints
+MIN_ELAPSED_S = 1e-9
+CONFIG_NAME = "config.json"  # in --results-dir, beside log.txt, checkpoints/ and samples/
+LOG_NAME = "log.txt"
 
 EXAMPLES = """examples:
   torchrun --nproc_per_node=8 train.py --data-path /data/imagenet/train --model DiT-XL/2 --image-size 256
@@ -38,8 +65,6 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models import training as T
-
     d = TrainConfig()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -76,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.latent_cache,
         help="encode the images once into this file (made if missing) and train on it",
     )
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers per process")
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        default=d.num_workers,
+        help="DataLoader workers per process that decode images (default: the job's CPUs on this node / "
+        f"processes - 1, at most {T.AUTO_WORKERS_MAX}; in-memory latents and digits: 0)",
+    )
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
@@ -171,26 +202,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from models.training import validate
-
     values = {k.replace("-", "_"): v for k, v in vars(args).items()}
     cfg = TrainConfig(**values)
-    validate(cfg)
+    T.validate(cfg)
     return cfg
 
 
-# ------------------------------------------------------------------------------------------ pieces
+# ------------------------------------------------------------------------------------------ setup
 
 
-def build_dataset(cfg: TrainConfig, device: Any) -> tuple[Any, Any, bool]:
+def setup(cfg: TrainConfig) -> dist.DistInfo:
+    """Join the process group (or run alone), make an error on any rank end the job with one named line, and
+    set the matmul precision of the device."""
+    info = dist.init(cfg.dist_timeout)
+    if info.world_size > 1:
+        # after init: init_process_group wraps sys.excepthook with a stderr buffer that a hook installed
+        # earlier never flushes (it ends the process inside it), which lost every rank's error line
+        dist.install_fail_fast()
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return info
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class TrainData:
+    """The training items and what the network sees of them."""
+
+    dataset: Dataset  # items (x, label) keyed by (index, flip)
+    codec: Any  # the VAE codec, or None in pixel space
+    encode_online: bool  # x are images that the codec still encodes at every step
+    class_to_idx: dict[str, int]
+    num_classes: int
+    in_channels: int  # network input channels
+    input_size: int  # network input side
+    images: bool  # the training items are decoded from image files (DataLoader workers help)
+
+
+def prepare_data(cfg: TrainConfig, info: dist.DistInfo) -> TrainData:
+    """The dataset (and codec) of ``cfg`` with the network input shape and class count it implies."""
+    dataset, codec, encode_online = build_dataset(cfg, info)
+    class_to_idx = dict(dataset.class_to_idx)
+    num_classes = cfg.num_classes if cfg.num_classes is not None else len(class_to_idx)
+    if class_to_idx and len(class_to_idx) != num_classes:
+        raise TrainError(f"--num-classes is {num_classes} but the data have {len(class_to_idx)} classes")
+    x0, _ = dataset[(0, False)]
+    downsample = codec.downsample if encode_online else 1
+    in_channels = codec.latent_channels if encode_online else int(x0.shape[0])
+    input_size = int(x0.shape[-1]) // downsample
+    images = isinstance(dataset, data.ImageFolderDataset)
+    return TrainData(dataset, codec, encode_online, class_to_idx, num_classes, in_channels, input_size, images)
+
+
+def build_dataset(cfg: TrainConfig, info: dist.DistInfo) -> tuple[Dataset, Any, bool]:
     """(dataset of (x, label), codec or None for pixel space, whether x must still be encoded)."""
-    from launch import dist
-    from models import data
-    from models.vae import load_codec
-
     codec = None
     if cfg.vae != "none":
-        codec = dist.rank0_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=device))
+        codec = dist.rank0_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=info.device))
     if cfg.dataset == "latents":
         dataset = data.LatentDataset(cfg.data_path)
         _check_latent_cache(dataset, cfg)
@@ -202,19 +273,28 @@ def build_dataset(cfg: TrainConfig, device: Any) -> tuple[Any, Any, bool]:
         dataset = data.ImageFolderDataset(cfg.data_path, cfg.image_size, cfg.image_channels)
     if codec is not None and cfg.latent_cache:
         cache = Path(cfg.latent_cache)
-        if not cache.exists():
-            extra = {"image_size": cfg.image_size, "vae": cfg.vae}
-            dist.main_only(
-                lambda: data.precompute_latents(dataset, codec, cache, seed=cfg.global_seed, extra=extra)
-            )
+        if not dist.main_only(cache.exists):  # rank 0 decides: a stale listing must not split the ranks
+            build_latent_cache(cfg, dataset, codec, info)
         latents = data.LatentDataset(cache)
         _check_latent_cache(latents, cfg, expected_len=len(dataset), class_to_idx=dataset.class_to_idx)
         return latents, codec, False
     return dataset, codec, codec is not None
 
 
+def build_latent_cache(cfg: TrainConfig, dataset: Dataset, codec: Any, info: dist.DistInfo) -> None:
+    """Every rank encodes its own shard of the images; rank 0 then writes the index naming all shards."""
+    workers = T.image_workers(cfg, info.local_world_size)
+    data.encode_latent_shard(
+        dataset, codec, cfg.latent_cache, info.rank, info.world_size, cfg.global_seed, num_workers=workers
+    )
+    dist.barrier()
+    shards = data.latent_shards(cfg.latent_cache, len(dataset), info.world_size)
+    extra = {"image_size": cfg.image_size, "vae": cfg.vae}
+    dist.main_only(lambda: data.write_latent_index(cfg.latent_cache, shards, dataset.class_to_idx, extra))
+
+
 def _check_latent_cache(
-    ds: Any, cfg: TrainConfig, expected_len: int | None = None, class_to_idx: dict | None = None
+    ds: data.LatentDataset, cfg: TrainConfig, expected_len: int | None = None, class_to_idx: dict | None = None
 ) -> None:
     source = cfg.latent_cache or cfg.data_path
     for key in ("image_size", "vae"):
@@ -232,11 +312,39 @@ def _check_latent_cache(
         )
 
 
-def build_networks(cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int):  # noqa: ANN201
-    from models.dit import DiT
-    from models.training import architecture
+class KeyBatches:
+    """Endless key batches for DataLoader(batch_sampler=...), starting after ``done`` micro-batches."""
 
-    arch = architecture(cfg)
+    def __init__(self, plan: data.EpochPlan, done: int) -> None:
+        self.plan, self.done = plan, done
+
+    def __iter__(self) -> Iterator[list]:
+        return self.plan.batches(self.done)
+
+
+def make_loader(cfg: TrainConfig, train_data: TrainData, info: dist.DistInfo, batch: int, done: int) -> Iterator:
+    """This rank's endless (x, label) micro-batches after ``done`` of them (pinned for CUDA copies)."""
+    plan = data.EpochPlan(len(train_data.dataset), batch, info.rank, info.world_size, cfg.global_seed, cfg.hflip)
+    if train_data.images:
+        workers = T.image_workers(cfg, info.local_world_size)
+    else:
+        workers = cfg.num_workers or 0  # in memory: workers would only copy
+    loader = DataLoader(
+        train_data.dataset,
+        batch_sampler=KeyBatches(plan, done),
+        num_workers=workers,
+        pin_memory=info.device.type == "cuda",
+    )
+    return iter(loader)
+
+
+# ------------------------------------------------------------------------------------------ model, optimizer, EMA
+
+
+def build_networks(
+    cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int
+) -> tuple[DiT, dict[str, Any]]:
+    arch = T.architecture(cfg)
     if input_size % arch["patch_size"]:
         raise TrainError(
             f"model input size {input_size} is not a multiple of the patch size {arch['patch_size']}"
@@ -255,42 +363,274 @@ def build_networks(cfg: TrainConfig, in_channels: int, input_size: int, num_clas
     return model, arch
 
 
-class KeyBatches:
-    """Endless key batches for DataLoader(batch_sampler=...), starting after ``done`` micro-batches."""
+@dataclass
+class TrainState:
+    """The networks and what trains them, all on the training device; ``step`` optimizer steps done."""
 
-    def __init__(self, plan: Any, done: int) -> None:
-        self.plan, self.done = plan, done
+    model: DiT
+    ema: DiT
+    opt: torch.optim.Optimizer
+    t_sampler: ScheduleSampler
+    arch: dict[str, Any]
+    config: dict[str, Any]
+    step: int = 0
 
-    def __iter__(self) -> Iterator[list]:
-        return self.plan.batches(self.done)
+
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move a network to the training device (done before its optimizer exists: see `build_state`)."""
+    return module.to(device)
 
 
-def make_loader(dataset: Any, plan: Any, done: int, num_workers: int) -> Iterator:
-    from torch.utils.data import DataLoader
+def build_state(
+    cfg: TrainConfig, train_data: TrainData, device: torch.device, resume_path: Path | None
+) -> TrainState:
+    """Networks on ``device`` first, then the optimizer and the resumed state.
 
-    if num_workers == 0:
-        return iter(DataLoader(dataset, batch_sampler=KeyBatches(plan, done), num_workers=0))
-    return iter(
-        DataLoader(
-            dataset,
-            batch_sampler=KeyBatches(plan, done),
-            num_workers=num_workers,
-            pin_memory=True,
-            persistent_workers=False,
+    The order matters: `Optimizer.load_state_dict` puts each state tensor (exp_avg, exp_avg_sq) on its
+    parameter's device and dtype, so the parameters must already be where they train.
+    """
+    T.seed_everything(T.init_seed(cfg.global_seed))  # the same initial weights on every rank and every run
+    model, arch = build_networks(cfg, train_data.in_channels, train_data.input_size, train_data.num_classes)
+    model = to_device(model, device).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = T.make_optimizer(model, cfg, device)
+    t_sampler = create_named_schedule_sampler(cfg.timestep_sampler, cfg.diffusion_steps)
+    state = TrainState(model, ema, opt, t_sampler, arch, T.checkpoint_config(cfg, arch))
+    if resume_path is not None:
+        resume(state, resume_path, train_data.class_to_idx)
+    return state
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def resume_path(cfg: TrainConfig, results: Path) -> Path | None:
+    """The checkpoint to resume from, chosen by rank 0 and sent to every rank.
+
+    ``--resume`` auto (newest in --results-dir), none, or a file. One listing for all: a stale NFS
+    directory cache on one node must not start its ranks from another step than the rest.
+    """
+    return dist.main_only(lambda: _find_resume_path(cfg, results))
+
+
+def _find_resume_path(cfg: TrainConfig, results: Path) -> Path | None:
+    if cfg.resume == T.RESUME_NONE:
+        return None
+    if cfg.resume == T.RESUME_AUTO:
+        return T.latest_checkpoint(results)
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise TrainError(f"--resume {cfg.resume} is not a file (use auto or none)")
+    return path
+
+
+def resume(state: TrainState, path: Path, class_to_idx: dict[str, int]) -> None:
+    """Load a train.py checkpoint into ``state`` (networks already on their device)."""
+    ckpt = T.load_training_checkpoint(path)
+    T.check_resumable(ckpt["config"], state.config, path)
+    if ckpt["class_to_idx"] != class_to_idx:
+        raise TrainError(f"--resume {path} was trained on another class map than --data-path")
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["opt"])
+    if ckpt.get("timestep_sampler"):  # empty for the uniform sampler: a loss-aware one then starts afresh
+        state.t_sampler.load_state_dict(ckpt["timestep_sampler"])
+    state.step = int(ckpt["step"])
+    dist.print0(f"resumed from {path} at step {state.step}")
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without making the host wait (pinned staging on CUDA)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+class Trainer:
+    """The loop of one run: the optimizer step, and at their periods the log, checkpoints and sample grids."""
+
+    def __init__(
+        self, cfg: TrainConfig, info: dist.DistInfo, train_data: TrainData, state: TrainState, results: Path
+    ) -> None:
+        self.cfg, self.info, self.data, self.state, self.results = cfg, info, train_data, state, results
+        self.device = info.device
+        self.batch = T.per_process_batch(cfg, info.world_size)
+        self.diffusion = T.build_diffusion(cfg)
+        self.loss_aware = cfg.timestep_sampler != "uniform"
+        self.ddp = state.model
+        if info.world_size > 1:
+            self.ddp = DistributedDataParallel(
+                state.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.batches = make_loader(cfg, train_data, info, self.batch, state.step * cfg.grad_accum)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast: Callable[[], Any] = (
+            (lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+            if bf16
+            else contextlib.nullcontext
         )
-    )
+        # read on the host only when logging: the sum of micro-batch mean losses, the last gradient norm
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.micro_batches = 0
+        self.grad_norm: torch.Tensor | None = None
+        self.lr = cfg.lr
+        self.bar = _progress_bar(cfg, state.step, info.is_main)
+        self.run_start = self.log_start = time.perf_counter()
+        self.log_step = state.step
+
+    def train_step(self) -> None:
+        """One optimizer step over ``--grad-accum`` micro-batches, then the EMA; no host sync."""
+        cfg, state = self.cfg, self.state
+        self.lr = T.learning_rate(state.step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_every, cfg.lr_decay_factor)
+        for group in state.opt.param_groups:
+            group["lr"] = self.lr * group.get("lr_mult", 1.0)
+        state.opt.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            self.micro_batch(micro)
+        if cfg.max_grad_norm > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
+        state.opt.step()
+        T.update_ema(state.ema, state.model, T.ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup))
+        state.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def micro_batch(self, micro: int) -> None:
+        """Forward and backward of one micro-batch (gradients all-reduced by DDP on the last one)."""
+        cfg, info, device = self.cfg, self.info, self.device
+        x, y = next(self.batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        index = self.state.step * cfg.grad_accum + micro
+        T.seed_everything(T.micro_batch_seed(cfg.global_seed, index, info.rank, info.world_size))
+        if self.data.encode_online:
+            x = self.data.codec.encode(x)
+        t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
+        t = to_device_async(t, device)
+        importance = to_device_async(weights, device) if self.loss_aware else None  # uniform: all ones
+        drop = T.label_drop_mask(x.shape[0], cfg.class_dropout, device)
+        sync = micro == cfg.grad_accum - 1 or info.world_size == 1
+        with contextlib.nullcontext() if sync else self.ddp.no_sync(), self.autocast():
+            kwargs = {"y": y, "force_drop_ids": drop}
+            terms = T.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
+            loss = terms["loss"].mean() / cfg.grad_accum
+        loss.backward()
+        if self.loss_aware:
+            self.record_losses(t, terms["raw_loss"])
+        self.loss_sum += terms["loss"].detach().float().mean()  # float64 sum on the device
+        self.micro_batches += 1
+
+    def record_losses(self, t: torch.Tensor, raw_loss: torch.Tensor) -> None:
+        """Every rank's (t, loss) pairs into the loss-aware sampler, in rank order, on every rank.
+
+        One all-reduce of a [world, 2, B] float64 block (each rank fills its row; exact, as x + 0 = x) and
+        one copy to the host: the next draw of t depends on these losses, so this copy cannot wait.
+        """
+        rows = torch.zeros(self.info.world_size, 2, t.shape[0], dtype=torch.float64, device=self.device)
+        rows[self.info.rank, 0] = t
+        rows[self.info.rank, 1] = raw_loss
+        host = dist.all_reduce_sum(rows).cpu().numpy()
+        self.state.t_sampler.update_with_all_losses(host[:, 0].ravel().astype(np.int64), host[:, 1].ravel())
+
+    def after_step(self) -> None:
+        """The log line, checkpoint and sample grid that fall on this step."""
+        step, cfg = self.state.step, self.cfg
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            self.log()
+        if step % cfg.ckpt_every == 0 or last:
+            self.save_checkpoint()
+        if cfg.sample_every and (step % cfg.sample_every == 0 or last) and self.info.is_main:
+            self.sample_grid()
+
+    def log(self) -> None:
+        """Mean loss over ranks and micro-batches since the last line (the only host read of the loss)."""
+        totals = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.micro_batches))])
+        loss_sum, count = dist.all_reduce_sum(totals).tolist()
+        step, now = self.state.step, time.perf_counter()
+        ips = (step - self.log_step) * self.cfg.global_batch_size / max(now - self.log_start, MIN_ELAPSED_S)
+        line = (
+            f"step {step:7d} loss {loss_sum / max(count, 1):.5f} lr {self.lr:.3e} img/s {ips:8.1f}"
+            + (f" grad {float(self.grad_norm):.3f}" if self.grad_norm is not None else "")
+            + f" elapsed {T.format_seconds(now - self.run_start)}"
+        )
+        self.write_log(line)
+        self.loss_sum.zero_()
+        self.micro_batches, self.log_start, self.log_step = 0, time.perf_counter(), step
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes checkpoints/<step>.pt (atomically) and prunes old ones; every rank waits for it."""
+        state = self.state
+        if self.info.is_main:
+            payload = {
+                "model": state.model.state_dict(),
+                "ema": state.ema.state_dict(),
+                "opt": state.opt.state_dict(),
+                "config": state.config,
+                "step": state.step,
+                "class_to_idx": self.data.class_to_idx,
+                "rng": {"global_seed": self.cfg.global_seed, "rule": RNG_RULE},
+                "timestep_sampler": state.t_sampler.state_dict(),
+            }
+            path = T.save_checkpoint(payload, T.checkpoint_path(self.results, state.step))
+            removed = T.prune_checkpoints(self.results, self.cfg.checkpoints_total_limit)
+            self.write_log(f"saved {path}" + (f"; removed {len(removed)} old" if removed else ""))
+        dist.barrier()
+
+    def sample_grid(self) -> None:
+        out = self.results / "samples" / f"{self.state.step:0{T.CHECKPOINT_DIGITS}d}.png"
+        with torch.no_grad(), self.autocast():
+            write_grid(self.state.ema, self.cfg, self.data.codec, self.state.arch, out, self.device)
+        self.write_log(f"sample grid {out}")
+
+    def write_log(self, line: str) -> None:
+        """Print ``line`` and append it to <results>/log.txt (rank 0 only)."""
+        if not self.info.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        log = self.results / LOG_NAME
+        try:  # appended, so not through atomic_write; a failure is still one line naming the file
+            with open(log, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise FileWriteError(f"cannot write {log}: {os_reason(e)}") from None
+
+    def start(self) -> None:
+        """config.json and the opening line (rank 0)."""
+        cfg, state, info = self.cfg, self.state, self.info
+        if info.is_main:
+            with atomic_write(self.results / CONFIG_NAME, "w") as f:  # creates the results folder too
+                f.write(json.dumps(state.config, indent=2, sort_keys=True) + "\n")
+        n_params = sum(p.numel() for p in state.model.parameters())
+        dist.print0(
+            f"{info.world_size} process(es) on {self.device.type}; {len(self.data.dataset)} items, "
+            f"{self.data.num_classes} classes; model {cfg.model} {state.arch} ({n_params / 1e6:.2f}M parameters); "
+            f"per-process batch {self.batch} x {cfg.grad_accum} accumulation = {cfg.global_batch_size}; "
+            f"steps {state.step} -> {cfg.max_steps}"
+        )
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        dist.print0(f"done: {self.state.step} steps in {T.format_seconds(time.perf_counter() - self.run_start)}")
 
 
-def write_grid(ema: Any, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out: Path, device: Any) -> None:
+def _progress_bar(cfg: TrainConfig, step: int, main: bool) -> Any:
+    if not (cfg.progress and main and sys.stderr.isatty()):
+        return None
+    return tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------ sample grids
+
+
+def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out: Path, device: torch.device) -> None:
     """DDIM samples of the EMA weights with guidance: GRID_PER_CLASS rows x classes columns, as one PNG."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from diffusion import create_diffusion, guided_model
-    from diffusion.rng import SampleNoise, sample_seed
-    from models.vae import PixelCodec
-
     classes = min(arch["num_classes"], GRID_MAX_CLASSES)
     labels = torch.arange(classes).repeat(GRID_PER_CLASS).to(device)  # row r: classes 0..C-1
     noise = SampleNoise([sample_seed(GRID_SEED, i) for i in range(len(labels))])
@@ -315,234 +655,40 @@ def write_grid(ema: Any, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out
         .transpose(0, 2, 1, 3, 4)
         .reshape(GRID_PER_CLASS * h, classes * w, 3)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(grid)).save(out)
+    with atomic_write(out) as f:
+        Image.fromarray(np.ascontiguousarray(grid)).save(f, format="PNG")
 
 
-# ------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------ the run
 
 
 def run(cfg: TrainConfig) -> int:
     """Train until ``cfg.max_steps``; returns the exit code."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from diffusion.timestep_sampler import create_named_schedule_sampler
-    from launch import dist
-    from models import data
-    from models import training as T
-
-    info = dist.init(cfg.dist_timeout)
-    device = info.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
-    batch = T.per_process_batch(cfg, info.world_size)
+    info = setup(cfg)
+    T.per_process_batch(cfg, info.world_size)  # a bad split fails before any data or model work
     results = Path(cfg.results_dir)
-
-    dataset, codec, encode_online = build_dataset(cfg, device)
-    class_to_idx = dict(dataset.class_to_idx)
-    num_classes = cfg.num_classes if cfg.num_classes is not None else len(class_to_idx)
-    if class_to_idx and len(class_to_idx) != num_classes:
-        raise TrainError(f"--num-classes is {num_classes} but the data have {len(class_to_idx)} classes")
-    x0, _ = dataset[(0, False)]
-    downsample = codec.downsample if encode_online else 1
-    in_channels = codec.latent_channels if encode_online else int(x0.shape[0])
-    input_size = int(x0.shape[-1]) // downsample
-    T.seed_everything(T.init_seed(cfg.global_seed))  # the same initial weights on every rank and every run
-    model, arch = build_networks(cfg, in_channels, input_size, num_classes)
-    config = T.checkpoint_config(cfg, arch)
-
-    diffusion = T.build_diffusion(cfg)
-    t_sampler = create_named_schedule_sampler(cfg.timestep_sampler, diffusion)
-    opt = torch.optim.AdamW(
-        T.param_groups(model, cfg.label_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
-    ema = copy.deepcopy(model).requires_grad_(False)
-    step = 0
-
-    resume_path = _resume_path(cfg, results)
-    if resume_path is not None:
-        ckpt = T.load_training_checkpoint(resume_path)
-        T.check_resumable(ckpt["config"], config, resume_path)
-        if ckpt["class_to_idx"] != class_to_idx:
-            raise TrainError(f"--resume {resume_path} was trained on another class map than --data-path")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        if ckpt.get("timestep_sampler"):  # empty for the uniform sampler: a loss-aware one then starts afresh
-            t_sampler.load_state_dict(ckpt["timestep_sampler"])
-        step = int(ckpt["step"])
-        dist.print0(f"resumed from {resume_path} at step {step}")
-        del ckpt
-
-    model.to(device)
-    ema.to(device).eval()
-    if info.world_size > 1:
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        ddp = model
-    model.train()
-
-    plan = data.EpochPlan(len(dataset), batch, info.rank, info.world_size, cfg.global_seed, cfg.hflip)
-    loader = make_loader(dataset, plan, step * cfg.grad_accum, cfg.num_workers)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = (
-        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-        if use_bf16
-        else contextlib.nullcontext
-    )
-    loss_aware = cfg.timestep_sampler != "uniform"
-
-    if info.is_main:
-        results.mkdir(parents=True, exist_ok=True)
-        (results / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    n_params = sum(p.numel() for p in model.parameters())
-    dist.print0(
-        f"{info.world_size} process(es) on {device.type}; {len(dataset)} items, {num_classes} classes; "
-        f"model {cfg.model} {arch} ({n_params / 1e6:.2f}M parameters); per-process batch {batch} "
-        f"x {cfg.grad_accum} accumulation = {cfg.global_batch_size}; steps {step} -> {cfg.max_steps}"
-    )
-    bar = _progress_bar(cfg, step, info.is_main)
-    log_sum, log_count, log_start, log_step = 0.0, 0, time.perf_counter(), step
-    run_start = time.perf_counter()
-
-    while step < cfg.max_steps:
-        lr = T.learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_every, cfg.lr_decay_factor)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-        opt.zero_grad(set_to_none=True)
-        for micro in range(cfg.grad_accum):
-            x, y = next(loader)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            T.seed_everything(
-                T.micro_batch_seed(cfg.global_seed, step * cfg.grad_accum + micro, info.rank, info.world_size)
-            )
-            if encode_online:
-                x = codec.encode(x)
-            t, weights = t_sampler.sample(x.shape[0], device)
-            drop = T.label_drop_mask(x.shape[0], cfg.class_dropout, device)
-            sync = micro == cfg.grad_accum - 1 or info.world_size == 1
-            with contextlib.nullcontext() if sync else ddp.no_sync(), autocast():
-                terms = T.diffusion_loss(
-                    diffusion,
-                    ddp,
-                    x,
-                    t,
-                    {"y": y, "force_drop_ids": drop},
-                    cfg,
-                    importance=weights if loss_aware else None,
-                )
-                loss = terms["loss"].mean() / cfg.grad_accum
-            loss.backward()
-            if loss_aware:
-                gathered = dist.all_gather_object((t.tolist(), terms["raw_loss"].float().tolist()))
-                t_sampler.update_with_all_losses(
-                    [v for ts, _ in gathered for v in ts], [v for _, ls in gathered for v in ls]
-                )
-            log_sum += float(terms["loss"].detach().float().mean())
-            log_count += 1
-        grad_norm = None
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        opt.step()
-        T.update_ema(ema, model, T.ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
-        step += 1
-        if bar is not None:
-            bar.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            mean_loss, count = dist.all_reduce_counts([log_sum, float(log_count)])
-            elapsed = time.perf_counter() - log_start
-            ips = (step - log_step) * cfg.global_batch_size / max(elapsed, 1e-9)
-            line = (
-                f"step {step:7d} loss {mean_loss / max(count, 1):.5f} lr {lr:.3e} img/s {ips:8.1f}"
-                + (f" grad {grad_norm:.3f}" if grad_norm is not None else "")
-                + f" elapsed {T.format_seconds(time.perf_counter() - run_start)}"
-            )
-            _log(results, line, info.is_main, bar)
-            log_sum, log_count, log_start, log_step = 0.0, 0, time.perf_counter(), step
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            if info.is_main:
-                payload = {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": opt.state_dict(),
-                    "config": config,
-                    "step": step,
-                    "class_to_idx": class_to_idx,
-                    "rng": {
-                        "global_seed": cfg.global_seed,
-                        "rule": "torch.manual_seed(global_seed * 2**32 + micro_batch * world_size + rank)",
-                    },
-                    "timestep_sampler": t_sampler.state_dict(),
-                }
-                path = T.save_checkpoint(payload, T.checkpoint_path(results, step))
-                removed = T.prune_checkpoints(results, cfg.checkpoints_total_limit)
-                _log(
-                    results, f"saved {path}" + (f"; removed {len(removed)} old" if removed else ""), True, bar
-                )
-            dist.barrier()
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and info.is_main:
-            out = results / "samples" / f"{step:0{T.CHECKPOINT_DIGITS}d}.png"
-            with torch.no_grad(), autocast():
-                write_grid(ema, cfg, codec, arch, out, device)
-            _log(results, f"sample grid {out}", True, bar)
-    if bar is not None:
-        bar.close()
-    dist.print0(f"done: {step} steps in {T.format_seconds(time.perf_counter() - run_start)}")
+    train_data = prepare_data(cfg, info)
+    state = build_state(cfg, train_data, info.device, resume_path(cfg, results))
+    trainer = Trainer(cfg, info, train_data, state, results)
+    trainer.start()
+    while state.step < cfg.max_steps:
+        trainer.train_step()
+        trainer.after_step()
+    trainer.finish()
     dist.barrier()
     dist.shutdown()
     return 0
 
 
-def _resume_path(cfg: TrainConfig, results: Path) -> Path | None:
-    from models import training as T
-
-    if cfg.resume == T.RESUME_NONE:
-        return None
-    if cfg.resume == T.RESUME_AUTO:
-        return T.latest_checkpoint(results)
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise TrainError(f"--resume {cfg.resume} is not a file (use auto or none)")
-    return path
-
-
-def _progress_bar(cfg: TrainConfig, step: int, main: bool):  # noqa: ANN202
-    if not (cfg.progress and main and sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True)
-
-
-def _log(results: Path, line: str, main: bool, bar: Any) -> None:
-    if not main:
-        return
-    if bar is not None:
-        bar.write(line)
-    else:
-        print(line, flush=True)
-    with open(results / "log.txt", "a") as f:
-        f.write(line + "\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from launch import dist
-    from launch.dist import install_fail_fast
-    from models.checkpoints import CheckpointError
-    from models.data import DataError
-    from models.vae import CodecError
-
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
-        if dist.world_size() > 1:
-            install_fail_fast()
-        return run(cfg)
-    except (TrainError, DataError, CodecError, CheckpointError) as e:
+        return run(config_from_args(args))
+    except (TrainError, DataError, CodecError, CheckpointError, FileWriteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a folder that cannot be made or read: name it, and the cause
+        print(f"error: {e.filename or 'a file'}: {os_reason(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
 

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from launch.files import atomic_write
+from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, atomic_write
 from launch.images import center_crop
+from launch.shard import share_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 DIGITS_SOURCE_SIZE = 8  # sklearn digits are 8x8
@@ -41,10 +45,47 @@ RGB_CHANNELS = 3
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 CHANNEL_CHOICES = (1, 3)
 FLIP_SEED_OFFSET = 0x5F1F  # separates the flip stream from the shuffling stream of the same epoch
+LATENT_CHUNK = 32  # images per VAE encode call; each chunk has its own noise seed (latent_chunk_seed)
+LATENT_SEED_STRIDE = 2**32  # latent_chunk_seed = seed * 2**32 + chunk
+LATENT_SHARDS_KEY = "shards"  # a sharded cache index names its shard files under this key
+LATENT_SHARD_SUFFIX = ".shards"  # shards of cache X live in X.shards/
+LATENT_SHARD_DIGITS = 9  # X.shards/000000000-000000032.pt
 
 
 class DataError(Exception):
     """The training data cannot be used (one-line message naming the path or flag)."""
+
+
+class _KeepWriteError:
+    """A binary file that remembers why a write failed: torch.save reports it as an unrelated RuntimeError."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, b: bytes) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save through `atomic_write` (fsync, rename): a killed job never leaves a half file behind, and a
+    full disk or a file-size limit is `FileWriteError` naming ``path`` (not torch's ``unexpected pos`` error)."""
+    path = Path(path)
+    with atomic_write(path, fsync=True) as f:
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+    return path
 
 
 def to_model_range(images_uint8: torch.Tensor, channels: int = RGB_CHANNELS) -> torch.Tensor:
@@ -106,14 +147,11 @@ def digits_classifier(size: int = DIGITS_SIZE) -> Any:
 
 def export_digits(out_dir: str | os.PathLike, size: int = DIGITS_SIZE) -> Path:
     """Write the demo digits as an image folder ``out_dir/<digit>/<index>.png`` (for reference batches)."""
-    from PIL import Image
-
     images, labels = digits_uint8(size)
     out = Path(out_dir)
     for i, (image, label) in enumerate(zip(images, labels)):
-        folder = out / str(int(label))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i:05d}.png")
+        with atomic_write(out / str(int(label)) / f"{i:05d}.png") as f:
+            Image.fromarray(image).save(f, format="PNG")
     return out
 
 
@@ -179,8 +217,6 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         index, flip = key
         path, label = self.samples[index]
         try:
@@ -193,62 +229,145 @@ class ImageFolderDataset(Dataset):
 
 
 class LatentDataset(Dataset):
-    """Precomputed latents: ``latents`` [N, 2, C, h, w] (original, mirrored), labels [N]."""
+    """Precomputed latents [N, 2, C, h, w] (original, mirrored) with labels [N], memory-mapped.
+
+    Reads a sharded cache (an index file naming its shards, see :func:`write_latent_index`) or a single
+    file holding ``latents`` and ``labels`` (the format written before caches were sharded).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a data error
-            raise DataError(f"latent file {path} cannot be read ({str(e)[:100]})") from None
-        if not isinstance(blob, dict) or "latents" not in blob or "labels" not in blob:
-            raise DataError(f"latent file {path} is not a latent cache (needs latents, labels)")
-        self.latents = blob["latents"]
-        self.labels = blob["labels"]
+        blob = _load_blob(path)
+        if isinstance(blob, dict) and LATENT_SHARDS_KEY in blob:
+            shards = [_load_shard(path, name) for name in blob[LATENT_SHARDS_KEY]]
+        elif isinstance(blob, dict) and "latents" in blob and "labels" in blob:
+            shards = [blob]
+        else:
+            raise DataError(f"latent file {path} is not a latent cache (needs latents, labels or {LATENT_SHARDS_KEY})")
+        self.parts = [shard["latents"] for shard in shards]  # each [n_i, 2, C, h, w]
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])  # part i holds [starts[i], starts[i+1])
+        self.labels = torch.cat([shard["labels"] for shard in shards])
+        if len(self.labels) != self.starts[-1]:
+            raise DataError(f"latent file {path} has {self.starts[-1]} latents but {len(self.labels)} labels")
         self.class_to_idx = dict(blob.get("class_to_idx") or {})
-        self.meta = {k: v for k, v in blob.items() if k not in ("latents", "labels")}
+        self.meta = {k: v for k, v in blob.items() if k not in ("latents", "labels", LATENT_SHARDS_KEY)}
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """All latents [N, 2, C, h, w] (a copy when the cache has several shards)."""
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
         index, flip = key
-        return self.latents[index, int(bool(flip))].float(), int(self.labels[index])
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][index - self.starts[part], int(bool(flip))].float(), int(self.labels[index])
+
+
+def _load_blob(path: str | os.PathLike) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise DataError(f"latent file {path} cannot be read ({str(e)[:100]}); delete it to re-encode") from None
+
+
+def _load_shard(index: str | os.PathLike, name: str) -> dict[str, Any]:
+    shard = Path(index).parent / name
+    if not shard.is_file():
+        raise DataError(f"latent file {index} names the shard {shard}, which is missing; delete {index} to re-encode")
+    blob = _load_blob(shard)
+    if not isinstance(blob, dict) or "latents" not in blob or "labels" not in blob:
+        raise DataError(f"latent shard {shard} of {index} holds no latents; delete {index} to re-encode")
+    return blob
+
+
+def latent_chunk_seed(seed: int, chunk: int) -> int:
+    """Seed of the posterior noise of chunk ``chunk`` (items [chunk * LATENT_CHUNK, ...)): no world-size term."""
+    return seed * LATENT_SEED_STRIDE + chunk
+
+
+def latent_shard_bounds(num_items: int, part: int, parts: int, chunk: int = LATENT_CHUNK) -> tuple[int, int]:
+    """Items [start, stop) that process ``part`` of ``parts`` encodes: whole chunks, split as `share_bounds`."""
+    first, last = share_bounds(-(-num_items // chunk), part, parts)
+    return first * chunk, min(last * chunk, num_items)
+
+
+def latent_shard_path(index: str | os.PathLike, start: int, stop: int) -> Path:
+    """``<index>.shards/<start>-<stop>.pt`` beside the index file."""
+    index, digits = Path(index), LATENT_SHARD_DIGITS
+    return index.with_name(index.name + LATENT_SHARD_SUFFIX) / f"{start:0{digits}d}-{stop:0{digits}d}.pt"
+
+
+def latent_shards(index: str | os.PathLike, num_items: int, parts: int, chunk: int = LATENT_CHUNK) -> list[Path]:
+    """The shard files of a cache made by ``parts`` processes, in item order (a process without items has none)."""
+    bounds = [latent_shard_bounds(num_items, part, parts, chunk) for part in range(parts)]
+    return [latent_shard_path(index, start, stop) for start, stop in bounds if stop > start]
 
 
 @torch.no_grad()
-def precompute_latents(
+def encode_latent_shard(
     dataset: Dataset,
     codec: Any,
-    out: str | os.PathLike,
-    batch_size: int = 32,
+    index: str | os.PathLike,
+    part: int = 0,
+    parts: int = 1,
     seed: int = 0,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Encode every image and its mirror once (one posterior sample each, as fast-DiT) -> latent cache file.
+    chunk: int = LATENT_CHUNK,
+    num_workers: int = 0,
+) -> Path | None:
+    """Encode process ``part``'s share of the images and their mirrors (one posterior sample each, as fast-DiT).
 
-    The file holds ``latents`` float16 [N, 2, C, h, w], ``labels`` [N], ``class_to_idx`` and ``extra``
-    (e.g. image_size, vae); written atomically.
+    The share is whole chunks (`latent_shard_bounds`); chunk k draws its noise from `latent_chunk_seed`
+    (seed, k), so the cache does not depend on how many processes made it. The shard holds ``latents``
+    float16 [n, 2, C, h, w], ``labels`` [n], ``start`` and ``source`` (what it was made from); an existing
+    shard with the same source is kept (an interrupted encoding resumes). None when the share is empty.
+    After every part is encoded, one process writes the cache file with `write_latent_index`.
     """
-    generator = torch.Generator(device=getattr(codec, "device", "cpu")).manual_seed(seed)
-    chunks, labels = [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[(i, False)] for i in range(start, min(start + batch_size, len(dataset)))]
-        x = torch.stack([im for im, _ in items])  # [B, 3, H, W]
-        both = torch.cat([x, x.flip(-1)])  # [2B, 3, H, W]
-        z = codec.encode(both, generator=generator).cpu()  # [2B, C, h, w]
-        chunks.append(torch.stack([z[: len(items)], z[len(items) :]], dim=1).half())
-        labels.extend(lbl for _, lbl in items)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "latents": torch.cat(chunks),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "class_to_idx": dict(getattr(dataset, "class_to_idx", {})),
-        **(extra or {}),
-    }
-    with atomic_write(out, fsync=True) as f:
-        torch.save(blob, f)
-    return out
+    start, stop = latent_shard_bounds(len(dataset), part, parts, chunk)
+    if stop <= start:
+        return None
+    out = latent_shard_path(index, start, stop)
+    source = {"seed": seed, "chunk": chunk, "num_items": len(dataset), "class_to_idx": _class_map(dataset)}
+    if _shard_source(out) == source:
+        return out
+    keys = [[(i, False) for i in range(a, min(a + chunk, stop))] for a in range(start, stop, chunk)]
+    loader = DataLoader(dataset, batch_sampler=keys, num_workers=num_workers)
+    device = getattr(codec, "device", "cpu")
+    latents, labels = [], []
+    for k, (x, y) in enumerate(loader, start=start // chunk):  # x [B, 3, H, W], y [B]
+        generator = torch.Generator(device=device).manual_seed(latent_chunk_seed(seed, k))
+        z = codec.encode(torch.cat([x, x.flip(-1)]), generator=generator).cpu()  # [2B, C, h, w]
+        latents.append(torch.stack([z[: len(y)], z[len(y) :]], dim=1).half())
+        labels.append(y.long())
+    blob = {"latents": torch.cat(latents), "labels": torch.cat(labels), "start": start, "source": source}
+    return save_torch(blob, out)
+
+
+def _shard_source(shard: Path) -> dict[str, Any] | None:
+    """What an existing shard was made from (None when missing or unreadable)."""
+    if not shard.is_file():
+        return None
+    try:
+        blob = _load_blob(shard)
+    except DataError:
+        return None
+    return blob.get("source") if isinstance(blob, dict) else None
+
+
+def write_latent_index(
+    index: str | os.PathLike, shards: list[Path], class_to_idx: dict[str, int], extra: dict[str, Any] | None = None
+) -> Path:
+    """The cache file ``index``: its shards' names (relative to its folder, in item order), the class map and
+    ``extra`` (e.g. image_size, vae). `LatentDataset` reads it."""
+    index = Path(index)
+    names = [str(Path(shard).relative_to(index.parent)) for shard in shards]
+    blob = {LATENT_SHARDS_KEY: names, "class_to_idx": dict(class_to_idx), **(extra or {})}
+    return save_torch(blob, index)
+
+
+def _class_map(dataset: Dataset) -> dict[str, int]:
+    return dict(getattr(dataset, "class_to_idx", {}))
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -323,9 +442,9 @@ def _main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         out = export_digits(a.export_digits, a.image_size)
-    except DataError as e:
-        print(f"error: {e}", flush=True)
-        return 2
+    except (DataError, FileWriteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print(f"wrote {sum(1 for _ in out.rglob('*.png'))} images to {out}")
     return 0
 

@@ -14,10 +14,13 @@ Checkpoint format (``torch.load(weights_only=True)`` safe: tensors, dicts, lists
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import re
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion import LossWeighting, create_diffusion
+from diffusion import DiffusionError, LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from launch.files import atomic_write
+from launch.exits import EXIT_BAD_INPUT
+from launch.files import FileWriteError, available_cpus, os_reason
+from models.data import save_torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
 
@@ -47,6 +52,7 @@ DATASETS = ("folder", "latents", "digits")
 PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_AUTO = "auto"
 RESUME_NONE = "none"
+AUTO_WORKERS_MAX = 8  # image decoding keeps a GPU fed with a few workers; more only cost memory and start-up
 ARCH_KEYS = (
     "depth",
     "hidden_size",
@@ -77,7 +83,7 @@ class TrainConfig:
     vae: str = "ema"
     vae_path: str | None = None
     latent_cache: str | None = None
-    num_workers: int = 0
+    num_workers: int | None = None  # None: image_workers() decides
     # model
     model: str = "DiT-XL/2"
     depth: int | None = None
@@ -189,6 +195,15 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainError("--noise-offset and --input-perturbation must be >= 0")
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise TrainError(f"--num-classes must be >= 1, got {cfg.num_classes}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    try:
+        build_diffusion(cfg)
+    except DiffusionError as e:
+        raise TrainError(
+            f"--noise-schedule {cfg.noise_schedule} with --diffusion-steps {cfg.diffusion_steps} is not a valid "
+            f"process ({e}); use more steps or the cosine schedule"
+        ) from None
 
 
 def architecture(cfg: TrainConfig) -> dict[str, int]:
@@ -207,6 +222,15 @@ def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
             f"--grad-accum {cfg.grad_accum}"
         )
     return cfg.global_batch_size // parts
+
+
+def image_workers(cfg: TrainConfig, local_world_size: int) -> int:
+    """DataLoader workers per process for decoding images: ``--num-workers``, or by default the CPUs this job
+    may use (`available_cpus`, i.e. its affinity mask, not the node's count) shared by the processes on the
+    node, one left to each main process, at most AUTO_WORKERS_MAX."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return max(0, min(AUTO_WORKERS_MAX, available_cpus() // max(1, local_world_size) - 1))
 
 
 # ------------------------------------------------------------------------------------------ randomness
@@ -325,12 +349,31 @@ def ema_decay_at(step: int, decay: float, warmup: bool = False) -> float:
     return decay
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all tensors), the default elsewhere.
+
+    Build it once the model is on ``device``: `load_state_dict` then puts the state beside the parameters.
+    """
+    groups = param_groups(model, cfg.label_lr_mult)
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter (frozen ones included)."""
+    """ema <- decay * ema + (1 - decay) * model, for every parameter (frozen ones included).
+
+    Two multi-tensor ops (`_foreach_mul_`, `_foreach_add_`) instead of two kernels per tensor; the same
+    operations as ``e.mul_(decay).add_(p, alpha=1 - decay)`` tensor by tensor, so the same numbers.
+    """
     ema_params = dict(ema.named_parameters())
+    targets, sources = [], []
     for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach().to(ema_params[name].dtype), alpha=1.0 - decay)
+        target = ema_params[name]
+        targets.append(target)
+        sources.append(param.detach().to(target.dtype))
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, sources, alpha=1.0 - decay)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -359,11 +402,8 @@ def latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save through `atomic_write` (fsync, rename): a killed job never leaves a half file behind."""
-    path = Path(path)
-    with atomic_write(path, fsync=True) as f:
-        torch.save(payload, f)
-    return path
+    """`save_torch`: atomic (a killed job never leaves a half file), a write error is one line naming ``path``."""
+    return save_torch(payload, path)
 
 
 def prune_checkpoints(results_dir: str | os.PathLike, limit: int | None) -> list[Path]:
@@ -377,15 +417,29 @@ def prune_checkpoints(results_dir: str | os.PathLike, limit: int | None) -> list
     return removed
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A train.py checkpoint (weights_only load) with every key needed to resume."""
+def load_training_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict[str, Any]:
+    """A train.py checkpoint with every key needed to resume (weights_only load).
+
+    Memory-mapped when the file has torch's zip format (every train.py checkpoint): the ranks of a node
+    share the page cache instead of each holding the whole file in RAM. Any unreadable, truncated or foreign
+    file is one TrainError line naming it (``flag`` names the option it came from).
+    """
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one error line
-        raise TrainError(f"--resume {path} cannot be read ({str(e).splitlines()[0][:100]})") from None
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise TrainError(f"{flag} {path} cannot be read ({os_reason(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception:
+        raise TrainError(
+            f"{flag} {path} is truncated, damaged or not a torch checkpoint ({path.stat().st_size} bytes); "
+            f"delete it or pass another {flag}"
+        ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(obj, dict) or k not in obj]
     if missing:
-        raise TrainError(f"--resume {path} is not a train.py checkpoint (missing {', '.join(missing)})")
+        raise TrainError(f"{flag} {path} is not a train.py checkpoint (missing {', '.join(missing)})")
     return obj
 
 
@@ -414,23 +468,21 @@ def format_seconds(seconds: float) -> str:
 
 def export_ema(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Keep only what sampling needs: {"ema", "config", "class_to_idx", "step"} (for shipping weights)."""
-    obj = load_training_checkpoint(src)
+    obj = load_training_checkpoint(src, flag="--export")
     slim = {k: obj[k] for k in ("ema", "config", "class_to_idx", "step")}
     slim["ema"] = {k: v.clone() for k, v in slim["ema"].items()}  # no views into the optimizer blob
     return save_checkpoint(slim, dst)
 
 
 def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(description="Write the EMA weights of a train.py checkpoint to a small file.")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"), required=True)
     a = p.parse_args(argv)
     try:
         out = export_ema(*a.export)
-    except TrainError as e:
-        print(f"error: {e}")
-        return 2
+    except (TrainError, FileWriteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -62,6 +62,26 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised diffusers AutoencoderKL (2x downsampling, 4 latent channels) saved locally."""
+    from diffusers import AutoencoderKL
+
+    vae_dir = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=TINY_SIZE,
+    ).save_pretrained(vae_dir)
+    return vae_dir
+
+
 @pytest.fixture
 def tiny_config(image_folder: Path, tmp_path: Path):
     """Factory: TrainConfig(**overrides) of a tiny pixel-space run on the image folder in tmp_path/run."""
@@ -81,6 +101,7 @@ def tiny_config(image_folder: Path, tmp_path: Path):
             ema_decay=0.9,
             results_dir=str(tmp_path / "run"),
             progress=False,
+            num_workers=0,  # no worker processes to start in tiny runs (the default is tested on its own)
             **TINY_ARCH,
         )
         values.update(overrides)

@@ -118,9 +118,9 @@ class HalvingCodec:
 
 def test_latent_cache_holds_original_and_mirror(image_folder, tmp_path):
     ds = data.ImageFolderDataset(image_folder, TINY_SIZE)
-    out = data.precompute_latents(
-        ds, HalvingCodec(), tmp_path / "lat.pt", batch_size=5, extra={"image_size": TINY_SIZE, "vae": "ema"}
-    )
+    shard = data.encode_latent_shard(ds, HalvingCodec(), tmp_path / "lat.pt", chunk=5)
+    extra = {"image_size": TINY_SIZE, "vae": "ema"}
+    out = data.write_latent_index(tmp_path / "lat.pt", [shard], ds.class_to_idx, extra)
     cache = data.LatentDataset(out)
     assert len(cache) == len(ds) and cache.class_to_idx == ds.class_to_idx
     assert cache.meta == {"class_to_idx": ds.class_to_idx, "image_size": TINY_SIZE, "vae": "ema"}
@@ -145,3 +145,44 @@ def test_grey_channel_option_keeps_the_grey_value():
     x1, _ = grey[(2, False)]
     assert x3.shape == (3, 32, 32) and x1.shape == (1, 32, 32)
     np.testing.assert_allclose(x1[0].numpy(), images[2, :, :, 0] / 127.5 - 1, atol=1e-5)
+
+
+class CountingCodec(HalvingCodec):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, x, generator=None):
+        self.calls += 1
+        return super().encode(x, generator)
+
+
+def test_latent_cache_shards_do_not_depend_on_the_number_of_processes(image_folder, tmp_path):
+    """Three processes' shards read back exactly as one process's cache: chunk k's noise comes from (seed, k)."""
+    ds = data.ImageFolderDataset(image_folder, TINY_SIZE)
+    chunk, extra = 5, {"image_size": TINY_SIZE, "vae": "ema"}
+    one = tmp_path / "one.pt"
+    alone = data.encode_latent_shard(ds, HalvingCodec(), one, seed=3, chunk=chunk)
+    whole = data.LatentDataset(data.write_latent_index(one, [alone], ds.class_to_idx, extra))
+    index = tmp_path / "three.pt"
+    bounds = [data.latent_shard_bounds(len(ds), part, 3, chunk) for part in range(3)]
+    assert bounds == [(0, 5), (5, 10), (10, 16)]  # whole chunks (4 of them), split evenly
+    shards = [data.encode_latent_shard(ds, HalvingCodec(), index, part, 3, seed=3, chunk=chunk) for part in range(3)]
+    assert shards == data.latent_shards(index, len(ds), 3, chunk)
+    assert [p.name for p in shards] == ["000000000-000000005.pt", "000000005-000000010.pt", "000000010-000000016.pt"]
+    assert data.encode_latent_shard(ds, HalvingCodec(), index, 0, 5, seed=3, chunk=chunk) is None  # 4 chunks, 5 parts
+    split = data.LatentDataset(data.write_latent_index(index, shards, ds.class_to_idx, extra))
+    assert len(split) == len(whole) == len(ds) and split.meta == whole.meta
+    assert torch.equal(split.latents, whole.latents) and torch.equal(split.labels, whole.labels)
+    for i in (0, 4, 5, 9, 10, 15):
+        for flip in (False, True):
+            z, label = split[(i, flip)]
+            assert torch.equal(z, whole.latents[i, int(flip)].float()) and label == ds[(i, False)][1]
+    # a finished shard is kept when the encoding is rerun (an interrupted build resumes); another seed redoes it
+    codec = CountingCodec()
+    data.encode_latent_shard(ds, codec, index, 1, 3, seed=3, chunk=chunk)
+    assert codec.calls == 0
+    data.encode_latent_shard(ds, codec, index, 1, 3, seed=4, chunk=chunk)
+    assert codec.calls == 1
+    shards[2].unlink()
+    with pytest.raises(data.DataError, match="missing"):
+        data.LatentDataset(index)

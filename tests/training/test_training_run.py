@@ -157,24 +157,11 @@ def test_sample_grid_is_written(tiny_config, train_run):
     assert grid.size == (len(FOLDER_CLASSES) * TINY_SIZE, 4 * TINY_SIZE)
 
 
-def test_latent_cache_with_a_local_vae(tiny_config, train_run, tmp_path, image_folder):
+def test_latent_cache_with_a_local_vae(tiny_config, train_run, tmp_path, tiny_vae_dir):
     """--vae with --latent-cache: images encoded once (original + mirror), training on 4-channel latents."""
-    from diffusers import AutoencoderKL
-
     from models.data import LatentDataset
 
-    vae_dir = tmp_path / "vae"
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=TINY_SIZE,
-    ).save_pretrained(vae_dir)
+    vae_dir = tiny_vae_dir
     cache = tmp_path / "latents.pt"
     cfg = tiny_config(
         vae="ema",
