@@ -462,8 +462,9 @@ class Trainer:
         self.loss_aware = cfg.timestep_sampler != "uniform"
         self.ddp = state.model
         if info.world_size > 1:
-            self.ddp = DistributedDataParallel(
-                state.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(  # the only buffer (timestep frequencies) is constant: no broadcast
+                state.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
             )
         self.batches = make_loader(cfg, train_data, info, self.batch, state.step * cfg.grad_accum)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")

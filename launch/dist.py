@@ -332,10 +332,11 @@ def fail(message: str, code: int = EXIT_FAILED, peer_caused: bool = False) -> No
     prefix = f"[rank {rank()}] " if world_size() > 1 else ""
     if not peer_caused:
         record_failure(message)
-    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    err = sys.__stderr__  # not sys.stderr: init_process_group may have wrapped it in a buffer os._exit drops
+    print(f"{prefix}{message}", file=err, flush=True)
     peer = peer_explanation() if peer_caused else None
     if peer is not None:
-        print(f"{prefix}cause: {peer}", file=sys.stderr, flush=True)
+        print(f"{prefix}cause: {peer}", file=err, flush=True)
     sys.stdout.flush()
     os._exit(code)
 
