@@ -344,7 +344,7 @@ def fail(message: str, code: int = EXIT_FAILED, peer_caused: bool = False) -> No
 def install_fail_fast() -> None:
     """Turn an uncaught exception on any rank into one named line and an immediate exit."""
 
-    def hook(exc_type, exc, tb):  # noqa: ANN001
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
         if not issubclass(exc_type, KeyboardInterrupt):
             traceback.print_exception(exc_type, exc, tb)
         fail(f"failed: {exc_type.__name__}: {exc}", peer_caused=_broken_collective(exc))

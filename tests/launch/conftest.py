@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def reference_job(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return JobResult(proc, log, run_dir_of(sample_dir), slurm.calls())
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> None:  # noqa: ANN001
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
