@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -30,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from launch.exits import EXIT_BAD_INPUT
+from launch.exits import EXIT_OK, exit_code_of
 from launch.files import FileWriteError, atomic_write
 from launch.images import center_crop
 from launch.shard import share_bounds
@@ -440,13 +439,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-digits", required=True, metavar="DIR", help="output folder")
     p.add_argument("--image-size", type=int, default=DIGITS_SIZE)
     a = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         out = export_digits(a.export_digits, a.image_size)
-    except (DataError, FileWriteError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    print(f"wrote {sum(1 for _ in out.rglob('*.png'))} images to {out}")
-    return 0
+        print(f"wrote {sum(1 for _ in out.rglob('*.png'))} images to {out}")
+        return EXIT_OK
+
+    return exit_code_of(body, (DataError, FileWriteError))
 
 
 if __name__ == "__main__":

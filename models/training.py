@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from diffusion import DiffusionError, LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from launch.exits import EXIT_BAD_INPUT
+from launch.exits import EXIT_OK, exit_code_of
 from launch.files import FileWriteError, available_cpus, os_reason
 from models.data import save_torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
@@ -478,13 +477,13 @@ def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write the EMA weights of a train.py checkpoint to a small file.")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"), required=True)
     a = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         out = export_ema(*a.export)
-    except (TrainError, FileWriteError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
-    return 0
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+        return EXIT_OK
+
+    return exit_code_of(body, (TrainError, FileWriteError))
 
 
 if __name__ == "__main__":
