@@ -33,9 +33,19 @@ SCRIPT = textwrap.dedent('''
         dist.rank0_first(fails_on_rank0)
     except FileNotFoundError as exc:
         out["error"] = str(exc)
+
+    import time
+    def fetch():  # a "download": the node's processes must take turns, with no collective
+        start = time.time()
+        time.sleep(0.5)
+        return [start, time.time()]
+    dist.barrier()
+    out["fetch"] = dist.node_first(fetch, "probe")
+    dist.shutdown()
+    with dist.alone() as alone:
+        out["alone"] = [alone.rank, alone.world_size, dist.all_reduce_counts([5.0])]
     with open(sys.argv[1] + f".{info.rank}", "w") as f:
         json.dump(out, f)
-    dist.shutdown()
 ''')
 
 
@@ -55,3 +65,6 @@ def test_collectives_and_rank0_failure_reach_every_rank(tmp_path):
         assert rep["counts"] == [2.0, 1.0]
         assert rep["stop"] is True
         assert rep["error"] == "offline: pass --ckpt"
+        assert rep["alone"] == [0, 1, [5.0]]  # after shutdown: a world of one, collectives are no-ops
+    (a0, a1), (b0, b1) = sorted(rep["fetch"] for rep in reports)
+    assert a1 <= b0  # node_first: one process at a time on the node
