@@ -80,7 +80,7 @@ def hub_snapshot(repo: str, cache_dir: Path, allow_patterns: list[str], endpoint
                  local_only: bool = False, force: bool = False) -> Path:
     """The hub snapshot folder of `repo` holding `allow_patterns` (downloaded unless `local_only`;
     `force` downloads again files already cached)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only for a VAE item (seconds to import)
 
     return Path(snapshot_download(repo, cache_dir=str(cache_dir), allow_patterns=allow_patterns,
                                   endpoint=endpoint, local_files_only=local_only, force_download=force))
@@ -203,7 +203,7 @@ class HubItem:
         raise PrefetchError(f"{self.repo} has no {VAE_CONFIG} with {' or '.join(VAE_WEIGHTS)}")
 
     def verify(self, files: list[Path]) -> None:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # seconds to import: only to verify a VAE
 
         try:
             with warnings.catch_warnings():  # diffusers' deprecated hub argument

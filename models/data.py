@@ -106,7 +106,7 @@ def to_model_range(images_uint8: torch.Tensor, channels: int = RGB_CHANNELS) -> 
 def digits_uint8(size: int = DIGITS_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """The sklearn digits as uint8 RGB [N, size, size, 3] and int64 labels [N] (transform: module doc)."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # the optional [demo] extra
     except ImportError:
         raise DataError("--dataset digits needs scikit-learn (pip install -e '.[demo]')") from None
     digits = load_digits()
@@ -137,7 +137,7 @@ def digits_classifier(size: int = DIGITS_SIZE) -> Any:
     Judges whether generated digits show the class they were asked for.
     """
     try:
-        from sklearn.svm import SVC
+        from sklearn.svm import SVC  # the optional [demo] extra
     except ImportError:
         raise DataError("the digits classifier needs scikit-learn (pip install -e '.[demo]')") from None
     images, labels = digits_uint8(size)

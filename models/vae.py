@@ -123,7 +123,7 @@ def _hub_reachable() -> tuple[bool, str]:
     """Quick TCP probe of the hub endpoint (skipped behind a proxy, where only the client knows the way)."""
     if any(os.environ.get(v) for v in _PROXY_VARS):
         return True, ""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # diffusers' dependency; imported only to probe the hub
 
     url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -140,7 +140,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _load_vae(vae: str, vae_path: str | os.PathLike | None, dtype: torch.dtype) -> Any:
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # seconds to import: only when a VAE is loaded
 
     kwargs = dict(torch_dtype=dtype, low_cpu_mem_usage=False)  # no `accelerate` needed, no warning
     hint = f"pass --vae-path DIR or run `python -m launch.prefetch --vae {vae}` on a machine with internet"
