@@ -201,8 +201,9 @@ def node_first(fn: Callable[[], T], key: str) -> T:
     """
     if _last is None or _last.local_world_size == 1:
         return fn()
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or str(os.getppid())
-    name = hashlib.sha256(f"{job}|{key}".encode()).hexdigest()[:16]
+    # One lock file per user and key, kept (unlinking a flock'ed file races with its waiters): jobs of the same
+    # user on the node that fetch the same thing take turns too, which is what a shared cache needs.
+    name = hashlib.sha256(f"{os.getuid()}|{key}".encode()).hexdigest()[:16]
     lock = Path(tempfile.gettempdir()) / f"dit-fid-{name}.lock"
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
