@@ -208,9 +208,9 @@ def plan_resume(kept: np.ndarray, stored: np.ndarray, blocks: list[Block] | None
     run keeps image i on disk at all; --save none keeps only the grid's) and the feature blocks of the current
     weights (None: no features wanted).
 
-    An image is sampled when it should be on disk and is not, or when it is not kept and has no features. A
-    feature block holding an image that is sampled again is stale (features are never mixed): its other
-    images are extracted again from disk, or sampled again when they are not kept.
+    An image not on disk is sampled when the run keeps it, or when it has no features; an image on disk without
+    features is read back and extracted. A feature block holding an image that is sampled again is stale
+    (features are never mixed): its other images are extracted again from disk, or sampled again.
     """
     if blocks is None:
         return ResumePlan(np.flatnonzero(stored & ~kept).tolist(), [], [], [])
@@ -219,7 +219,7 @@ def plan_resume(kept: np.ndarray, stored: np.ndarray, blocks: list[Block] | None
         has = np.zeros(kept.shape[0], bool)
         for block in valid:
             has[block.indices] = True
-        to_sample = (stored & ~kept) | (~stored & ~has)
+        to_sample = ~kept & (stored | ~has)
         drop = [block for block in valid if to_sample[block.indices].any()]
         if not drop:
             break
