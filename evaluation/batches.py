@@ -178,6 +178,14 @@ class NpzBatch(ImageBatch):
                     raise BatchError(f"{self.path} is truncated: could not read images {a}..{a + n - 1}")
                 yield np.frombuffer(data, np.uint8).reshape(n, *shape)
 
+    def images_memmap(self) -> np.ndarray:
+        """arr_0 as a read-only memory map [N, H, W, 3] (random access without reading the rest of the file);
+        only for an uncompressed member (np.savez, NpzWriter)."""
+        if not (self.has_images and self._stored):
+            raise BatchError(f"{self.path}: arr_0 is compressed or absent; cannot map it")
+        return np.memmap(self.path, np.uint8, "r", offset=self._data_offset,
+                         shape=(self.num_images, self.height, self.width, RGB_CHANNELS))
+
     def has(self, name: str) -> bool:
         return name in self._members
 
@@ -472,6 +480,11 @@ def _decode_pool(workers: int) -> Executor:
     if workers <= 1:
         return ThreadPoolExecutor(1)
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def read_pngs(files: list[Path], height: int, width: int) -> np.ndarray:
+    """Decode PNGs of one size into uint8 [len(files), height, width, 3] (RGB); BatchError naming a bad file."""
+    return _read_chunk(files, height, width)
 
 
 def _read_chunk(files: list[Path], height: int, width: int) -> np.ndarray:

@@ -37,6 +37,11 @@ def test_pipeline_job_writes_the_npz_and_its_metrics_next_to_it(pipeline_job, re
         assert float(m.group(1)) == pytest.approx(report[key], rel=1e-12)
     assert np.isfinite(report["fid"]) and report["fid"] > 0
     assert not list(npz.parent.glob(".*.tmp-*"))
+    # One Inception pass, in the sampling job: features stored beside the images, the .npz never read back.
+    (features,) = run.glob("features-*")
+    assert sum(int(p.name.rsplit("-", 1)[1][: -len(".npz")]) for p in features.glob("*.npz")) == EVAL_IMAGES
+    assert f"samples {npz}" not in pipeline_job.log
+    assert report["world_size"] == 2  # reduced over both ranks, as the sharded evaluator does
 
 
 @pytest.mark.parametrize("extra, message", [
