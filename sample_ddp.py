@@ -101,6 +101,10 @@ class ConfigError(Exception):
     """A bad command-line value; the message is one line."""
 
 
+class DivergedError(Exception):
+    """The model produced NaN or Inf for a sample (a diverged checkpoint, or a bf16 overflow); one line."""
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """Every option of the sampler, with the official script's defaults (the parser reads them from here)."""
@@ -574,6 +578,15 @@ def build_sampler(cfg: SampleConfig, model: torch.nn.Module, meta: dict) -> Samp
         raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None
 
 
+def _check_finite(cfg: SampleConfig, batch: list[int], finite: torch.Tensor) -> None:
+    """End the run at the first sample whose latents or outputs went NaN/Inf (its PNG is never written)."""
+    if not bool(finite[: len(batch)].all()):
+        first = batch[int((~finite[: len(batch)]).nonzero()[0])]
+        raise DivergedError(f"checkpoint {cfg.ckpt or 'DiT-XL/2 (official)'} produced NaN or Inf for sample {first} "
+                            f"(--precision {cfg.precision}); it has diverged: use an earlier checkpoint"
+                            + (" or --precision fp32" if cfg.precision == "bf16" else ""))
+
+
 def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, labels: np.ndarray,
                    missing: list[int], lock: rundir.RunLock, outputs: RunOutputs) -> bool:
     """Sample this rank's share of `missing` into `outputs`; returns True when stopped by a signal."""
@@ -594,7 +607,10 @@ def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, label
                 y = torch.as_tensor(labels[rows], device=info.device)
                 with _autocast(cfg, info.device):
                     x0 = sampler(model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=clip)
-                outputs.add(batch, codec.decode(x0.float())[: len(batch)])
+                finite = torch.isfinite(x0).flatten(1).all(dim=1)  # [B], read with the decoded batch (no extra sync)
+                images = codec.decode(x0.float())[: len(batch)]
+                _check_finite(cfg, batch, finite.cpu())
+                outputs.add(batch, images)
             lock.refresh()
             dist.heartbeat()
             done, stop = dist.all_reduce_counts([len(batch), float(preempt.requested())])
@@ -747,7 +763,7 @@ def pack(cfg: SampleConfig) -> int:
 
 
 BAD_INPUT_ERRORS = (ConfigError, CheckpointError, CodecError, rundir.RunDirError, BatchError, FileWriteError,
-                    dist.DistConfigError, EvaluationError, InceptionWeightsError)
+                    dist.DistConfigError, EvaluationError, InceptionWeightsError, DivergedError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -766,7 +782,7 @@ def exit_bad_input(exc: Exception) -> None:
     this rank's own: it says it, with its rank, and leaves the line for the other ranks to repeat last.
     """
     line = f"error: {exc}"
-    if isinstance(exc, (BatchError, FileWriteError)) and dist.world_size() > 1:
+    if isinstance(exc, (BatchError, FileWriteError, DivergedError)) and dist.world_size() > 1:
         line = f"error: [rank {dist.rank()}] {exc}"
         dist.record_failure(line)
         print(line, file=sys.stderr, flush=True)

@@ -200,3 +200,21 @@ def test_sigusr1_to_the_launcher_reaches_the_workers(sampler, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 3, output[-3000:]
     assert "preemption signal received" in output
+
+
+def test_a_model_that_diverges_while_sampling_ends_the_run(sampler, tmp_path):
+    """Finite weights whose outputs overflow: one line naming the checkpoint and the first sample, exit 2."""
+    import torch
+
+    from models.demo import save_checkpoint, untrained_dit
+
+    net, config = untrained_dit("custom", input_size=8, in_channels=3, num_classes=10, seed=3, depth=2,
+                                hidden_size=32, num_heads=2, patch_size=2)
+    with torch.no_grad():
+        net.final_layer.linear.bias.fill_(3e38)  # finite, but x0 from it overflows to Inf
+    ckpt = save_checkpoint(net, config, tmp_path / "overflowing.pt")
+    args = sampler.pixel_args(tmp_path / "out", 4, 4, steps=4)
+    args[args.index("--ckpt") + 1] = str(ckpt)
+    line = one_error_line(sampler.run(1, args))
+    assert "overflowing.pt" in line and "NaN or Inf for sample 0" in line
+    assert not list((tmp_path / "out").rglob("[0-9]*.png"))
