@@ -151,7 +151,7 @@ class SampleConfig:
     @property
     def run_name(self) -> str:
         return rundir.run_name(self.model, self.ckpt, self.image_size, self.vae, self.cfg_scale, self.global_seed,
-                               self.sampler, self.num_sampling_steps)
+                               self.sampler, self.num_sampling_steps, self.guidance_interval)
 
     @property
     def run_dir(self) -> Path:
@@ -399,7 +399,8 @@ def _check_class_map(meta: dict, cfg: SampleConfig) -> None:
 # --------------------------------------------------------------------------------------------- run folder
 
 
-def _dist_setup(cfg: SampleConfig) -> dist.DistInfo:
+def setup_process(cfg: SampleConfig) -> dist.DistInfo:
+    """Join the process group, install the fail-fast and stop-signal handlers, set the numerics flags."""
     info = dist.init(cfg.dist_timeout)
     dist.install_fail_fast()
     preempt.install()
@@ -650,7 +651,7 @@ def open_evaluation(cfg: SampleConfig, device: torch.device) -> RunEvaluation:
 def run(cfg: SampleConfig) -> int:
     """Sample every missing image of the run (with --ref: and its features), then, on rank 0, write the grid,
     the `.npz` and the metrics. Returns an exit code."""
-    info = _dist_setup(cfg)
+    info = setup_process(cfg)
     if cfg.pack_only:
         return pack(cfg) if info.is_main else EXIT_OK
     labels = shard.plan_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling,

@@ -11,6 +11,8 @@ One concern per module, in the order data flows:
   frechet, precision_recall, bootstrap     the metrics (and their bootstrap spread)
   reference_cache   reference statistics: stored, cached by content, or computed once
   report            evaluate() and report_metrics(reference, features)
+  shards            a sampling run's image shards and feature blocks (keyed by global index), its resume plan
+  run_metrics       the metrics of a sampling run computed in the sampling job (sample_ddp.py --ref)
   metrics           metric names (CLI choices, report keys, printed names)
   reference_batch   building an ADM reference batch from an image folder
   cli, evaluator, reference    the commands (argparse -> check -> call)

@@ -1,8 +1,11 @@
 """A sampling run's folder: its name, its manifest, and what is still missing in it.
 
-<sample-dir>/<run>/            000000.png ... (N files, one per global index), grid.png, manifest.json
+<sample-dir>/<run>/            000000.png ... (N files, one per global index; --save png), grid.png, manifest.json
+<sample-dir>/<run>/images/     image shards (--save npz; none: the grid's images), see evaluation/shards.py
+<sample-dir>/<run>/features-<weights id>/   Inception feature blocks (--ref), one folder per weights file
 <sample-dir>/.<run>.lock       held by the run that is sampling into <run>/ (host, pid, SLURM job id)
 <sample-dir>/<run>.npz         the packed ADM batch
+<sample-dir>/<run>.metrics.json   the evaluator's report (--ref)
 The manifest's "identity" is everything that changes the images; a rerun with another identity
 is refused unless --overwrite, so a folder never mixes samples of two configurations; one run at a
 time holds the folder's lock.
@@ -36,15 +39,17 @@ class RunDirError(Exception):
 
 
 def run_name(model: str, ckpt: str | None, image_size: int, vae: str, cfg_scale: float, global_seed: int,
-             sampler: str, steps: int | str) -> str:
-    """The official sample_ddp.py folder name plus the sampler and its step count.
+             sampler: str, steps: int | str, guidance_interval: tuple[float, float] | None = None) -> str:
+    """The official sample_ddp.py folder name plus the sampler and its step count (and the guidance interval
+    when there is one, so that a sweep over intervals gets one folder per interval).
 
-    e.g. DiT-XL-2-pretrained-size-256-vae-ema-cfg-1.5-seed-0-ddpm-250
+    e.g. DiT-XL-2-pretrained-size-256-vae-ema-cfg-1.5-seed-0-ddpm-250, ...-ddpm-250-gi-0-600
     """
     model_part = model.replace("/", "-")
     ckpt_part = os.path.basename(ckpt).replace(".pt", "") if ckpt else "pretrained"
+    interval = f"-gi-{guidance_interval[0]:g}-{guidance_interval[1]:g}" if guidance_interval else ""
     return (f"{model_part}-{ckpt_part}-size-{image_size}-vae-{vae}-cfg-{cfg_scale}-seed-{global_seed}"
-            f"-{sampler}-{steps}")
+            f"-{sampler}-{steps}{interval}")
 
 
 def now() -> str:
