@@ -116,7 +116,7 @@ def plan_points(args: argparse.Namespace) -> list[Point]:
         sample_ddp.validate(cfg)
         points.append(Point(cfg))
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
-        raise SweepError("sweep.png needs matplotlib: pip install -e ".[plot]", or pass --no-plot")
+        raise SweepError("sweep.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
     return points
 
 
