@@ -359,6 +359,7 @@ def _forward_shapes(cfg: SampleConfig) -> list[int]:
     return shapes
 
 
+@torch.no_grad()
 def _compiled(model: torch.nn.Module, cfg: SampleConfig, device: torch.device) -> torch.nn.Module:
     """torch.compile(model) warmed up on every batch shape it will see; the eager model if compiling fails.
 
@@ -406,7 +407,6 @@ def setup_process(cfg: SampleConfig) -> dist.DistInfo:
     preempt.install()
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
-    torch.set_grad_enabled(False)
     return info
 
 
@@ -588,6 +588,7 @@ def _check_finite(cfg: SampleConfig, batch: list[int], finite: torch.Tensor) -> 
                             + (" or --precision fp32" if cfg.precision == "bf16" else ""))
 
 
+@torch.no_grad()
 def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, labels: np.ndarray,
                    missing: list[int], lock: rundir.RunLock, outputs: RunOutputs) -> bool:
     """Sample this rank's share of `missing` into `outputs`; returns True when stopped by a signal."""
