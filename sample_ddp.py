@@ -37,7 +37,7 @@ from diffusion.guidance import CHANNEL_MODES, guided_model
 from diffusion.rng import MAX_GLOBAL_SEED, SampleNoise, sample_seed
 from diffusion.samplers import DDIM, SAMPLER_NAMES, Sampler
 from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid, read_pngs
-from evaluation.cli import cli_warnings
+from evaluation.cli import HelpFormatter, cli_warnings
 from evaluation.errors import EvaluationError
 from evaluation.features import FeatureAccumulator
 from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionWeightsError
@@ -181,8 +181,7 @@ def build_parser(require_ref: bool = False, **parser_args: str) -> argparse.Argu
     """The sampler's flags (`parser_args`: another prog/description/epilog for a command built on it)."""
     d = SampleConfig()
     p = argparse.ArgumentParser(**{"description": __doc__.split("\n\n")[0], "epilog": EXAMPLES, **parser_args},
-                                formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
-                                    prog, max_help_position=36))
+                                formatter_class=lambda prog: HelpFormatter(prog, max_help_position=36))
     add = p.add_argument
     add("--model", choices=[*DiT_models, CUSTOM_MODEL], default=d.model,
         help=f"DiT configuration; {CUSTOM_MODEL}: the architecture stored in a train.py checkpoint")

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-scales", required=True, help="comma-separated guidance scales, e.g. 1,1.5,2,4")
     g.add_argument("--guidance-intervals", default=NO_INTERVAL,
                    help="comma-separated LOW:HIGH training-timestep intervals, or none (guidance at every step)")
-    g.add_argument("--steps", default=None, help="comma-separated step counts (default: --num-sampling-steps)")
-    g.add_argument("--sweep-dir", default=None, help="where sweep.json/.csv/.png go (default: <sample-dir>)")
+    g.add_argument("--steps", default=None, help="comma-separated step counts (None: --num-sampling-steps)")
+    g.add_argument("--sweep-dir", default=None, help="where sweep.json/.csv/.png go (None: --sample-dir)")
     g.add_argument("--no-plot", action="store_true", help="no sweep.png (no matplotlib needed)")
     return p
 
