@@ -187,7 +187,7 @@ def _by_setting(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _panel(ax: Any, lines: dict[str, list[dict[str, Any]]], x: str, y: str, labels: tuple[str, str],
-           annotate: bool = False) -> None:
+           annotate: bool = False, missing: str = "not in --metrics") -> None:
     """One panel: a line per setting through the points that have both values; bootstrap error bars."""
     drawn = False
     for name, part in lines.items():
@@ -206,7 +206,7 @@ def _panel(ax: Any, lines: dict[str, list[dict[str, Any]]], x: str, y: str, labe
     if drawn:
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, f"no {labels[1]} / {labels[0]}\n(not computed)", ha="center", va="center",
+        ax.text(0.5, 0.5, f"no {labels[1]} / {labels[0]}\n({missing})", ha="center", va="center",
                 transform=ax.transAxes)
     ax.grid(alpha=0.3)
 
@@ -221,7 +221,8 @@ def draw(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     lines = _by_setting(rows)
     fig, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE)
     _panel(axes[0], lines, "cfg_scale", "fid", ("guidance scale", "FID"))
-    _panel(axes[1], lines, "fid", "inception_score", ("FID", "Inception Score"), annotate=True)
+    _panel(axes[1], lines, "fid", "inception_score", ("FID", "Inception Score"), annotate=True,
+           missing="not in --metrics, or Inception weights without a classifier")
     _panel(axes[2], lines, "recall", "precision", ("recall", "precision"), annotate=True)
     spread = any(key.endswith(STD_SUFFIX) for row in rows for key in row)
     fig.suptitle(title + (" (error bars: one bootstrap standard deviation)" if spread else ""))
