@@ -1,0 +1,272 @@
+"""Samplers against model evaluations (NFE) on the demo model: solver error and FID of 1,000 digits.
+
+    python benchmarks/bench_samplers.py --ckpt models/assets/digits-dit.pt --ref demo_out/digits-ref.npz \
+        --json docs/bench_samplers.json --plot docs/sampler_solver_error.png
+    python benchmarks/bench_samplers.py --part fid --runs ddim:25 --num-samples 500 \
+        --ckpt run/checkpoints/0004000.pt run/checkpoints/0005000.pt --ref demo_out/digits-ref.npz   # checkpoints
+
+One process: the model is loaded once (per --ckpt), Inception once, the reference statistics once.
+
+(a) `error`: 64 fixed x_T (sample i's generator seeded as sample_ddp.py seeds index i of global seed 0,
+    balanced labels), the guided probability-flow ODE (cfg --cfg-scale on all channels, no x_0 clipping)
+    solved by each deterministic sampler at NFE 5..100. Solver error: RMS distance of the result to the
+    same ODE solved by DPM-Solver++(2M) with --reference-steps steps, in model units ([-1, 1] = 2 x 127.5
+    grey levels). The reference's own error is estimated by the same solver at --check-steps steps.
+(b) `fid`: --num-samples images per run drawn exactly as README command 1 draws them (sample_ddp.py:
+    balanced labels of global seed 0, per-sample generators, clipped x_0, guidance on all channels), scored
+    with FID/sFID/precision/recall against --ref, and the share an RBF SVM fitted on the real digits labels
+    as the requested class. Seconds: the sampling loop only (model + sampler), per 1,000 images.
+
+Runs are `sampler:NFE` (Heun: the step count whose NFE 2 x steps - 1 is the largest not above NFE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffusion.guidance import CHANNELS_ALL, guided_model
+from diffusion.rng import SampleNoise, sample_seed
+from diffusion.samplers import DDIM, DDPM, DPMPP_2M, DPMPP_2M_SDE, EULER, HEUN, UNIPC, Sampler
+from evaluation.features import POOL, SPATIAL, FeatureAccumulator
+from evaluation.inception import InceptionExtractor, resolve_weights
+from evaluation.inputs import check_batch
+from evaluation.metrics import METRIC_FID, METRIC_PREC, METRIC_RECALL, METRIC_SFID
+from evaluation.reference_cache import DEFAULT_CACHE_DIR, Reference, load_reference
+from evaluation.report import report_metrics
+from launch.files import available_cpus
+from launch.shard import plan_labels
+from models.checkpoints import build_model
+from models.data import DIGITS_NUM_CLASSES, DIGITS_SIZE, digits_classifier, digits_features
+from models.vae import PixelCodec
+
+PARTS = ("error", "fid")
+DETERMINISTIC = (DDIM, DPMPP_2M, UNIPC, EULER, HEUN)
+ERROR_NFE = (5, 10, 15, 25, 50, 100)
+FID_RUNS = (
+    [f"{DDPM}:{n}" for n in (50, 100, 250)]
+    + [f"{DDIM}:{n}" for n in (10, 25, 50)]
+    + [f"{s}:{n}" for s in (DPMPP_2M, DPMPP_2M_SDE, UNIPC, EULER, HEUN) for n in (5, 10, 15, 25)]
+)
+METRICS = (METRIC_FID, METRIC_SFID, METRIC_PREC, METRIC_RECALL)
+REFERENCE_SAMPLER = DPMPP_2M
+GLOBAL_SEED = 0
+GREY_LEVELS_PER_UNIT = 127.5  # model units [-1, 1] -> uint8 grey levels
+PER_THOUSAND = 1000
+LABEL_SAMPLING = "balanced"
+
+
+@dataclass
+class Demo:
+    """The demo network and how to sample it: its trained objective and the guided model function."""
+
+    path: str
+    model: torch.nn.Module
+    objective: dict[str, Any]
+    model_fn: Any
+
+
+def load_demo(path: str, cfg_scale: float) -> Demo:
+    """A pixel-space digits checkpoint (exported or a train.py checkpoint: its EMA weights)."""
+    model, meta = build_model("custom", path, DIGITS_SIZE, DIGITS_NUM_CLASSES)
+    model = model.eval().requires_grad_(False)
+    config = meta.get("config") or {}
+    objective = {"predict_v": config.get("prediction") == "v",
+                 "noise_schedule": config.get("noise_schedule", "linear"),
+                 "diffusion_steps": int(config.get("diffusion_steps", 1000))}
+    return Demo(path, model, objective, guided_model(model, cfg_scale, DIGITS_NUM_CLASSES, CHANNELS_ALL))
+
+
+def steps_for_nfe(name: str, nfe: int) -> int:
+    """Sampling steps giving at most `nfe` model evaluations (Heun: 2 per step, 1 on the last)."""
+    return (nfe + 1) // 2 if name == HEUN else nfe
+
+
+def make_sampler(demo: Demo, name: str, steps: int) -> Sampler:
+    return Sampler(name, steps, learn_sigma=demo.model.learn_sigma, **demo.objective)
+
+
+def parse_run(text: str) -> tuple[str, int]:
+    name, _, nfe = text.rpartition(":")
+    return name, int(nfe)
+
+
+@torch.no_grad()
+def sample(demo: Demo, sampler: Sampler, indices: Sequence[int], labels: np.ndarray, clip: bool) -> torch.Tensor:
+    """x_0 [B, C, H, W] float32 of global `indices`, each from its own generator as sample_ddp.py draws it."""
+    model = demo.model
+    noise = SampleNoise([sample_seed(GLOBAL_SEED, i) for i in indices])
+    noise.randint(DIGITS_NUM_CLASSES)  # the label draw: keeps every stream's layout as in sample_ddp.py
+    z = noise.randn((model.in_channels, model.input_size, model.input_size))
+    y = torch.as_tensor(labels[list(indices)])
+    return sampler(demo.model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=clip).float()
+
+
+def draw(demo: Demo, sampler: Sampler, num: int, labels: np.ndarray, batch: int, clip: bool) -> torch.Tensor:
+    parts = [sample(demo, sampler, range(s, min(s + batch, num)), labels, clip) for s in range(0, num, batch)]
+    return torch.cat(parts)
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.sqrt(torch.mean((a.double() - b.double()) ** 2)))
+
+
+def solver_error(demo: Demo, args: argparse.Namespace) -> dict[str, Any]:
+    """Part (a): each deterministic sampler's RMS distance to the converged ODE solution, per NFE."""
+    n = args.error_samples
+    labels = plan_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, LABEL_SAMPLING, sample_seed)
+
+    def solve(name: str, steps: int) -> tuple[torch.Tensor, int, float]:
+        sampler = make_sampler(demo, name, steps)
+        start = time.perf_counter()
+        x0 = draw(demo, sampler, n, labels, args.batch_size, clip=False)
+        return x0, sampler.nfe, time.perf_counter() - start
+
+    reference, _, ref_seconds = solve(REFERENCE_SAMPLER, args.reference_steps)
+    check, _, _ = solve(REFERENCE_SAMPLER, args.check_steps)
+    rows = []
+    for name in DETERMINISTIC:
+        for target in args.error_nfe:
+            x0, nfe, seconds = solve(name, steps_for_nfe(name, target))
+            rows.append({"sampler": name, "nfe": nfe, "rms": rms(x0, reference), "seconds": round(seconds, 2)})
+            print(json.dumps({"part": "error", **rows[-1]}), flush=True)
+    return {"samples": n, "reference": f"{REFERENCE_SAMPLER} {args.reference_steps} steps",
+            "reference_seconds": round(ref_seconds, 1),
+            "reference_check": {"steps": args.check_steps, "rms": rms(check, reference)}, "rows": rows}
+
+
+class Scorer:
+    """Inception loaded once, the reference statistics read once; scores uint8 NHWC images."""
+
+    def __init__(self, ref: str, batch_size: int) -> None:
+        self.extractor = InceptionExtractor(resolve_weights(), batch_size=batch_size)
+        checked = check_batch(ref, "reference", METRICS, self.extractor.feature_dims)
+        self.reference: Reference = load_reference(checked, METRICS, self.extractor, DEFAULT_CACHE_DIR, batch_size)
+        self.classifier = digits_classifier()
+
+    def score(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        accumulator = FeatureAccumulator(self.extractor, len(images), stats=(POOL, SPATIAL), inception_score=False,
+                                         keep=(POOL,))
+        for s in range(0, len(images), self.extractor.batch_size):
+            accumulator.add_images(images[s: s + self.extractor.batch_size], s)
+        report = report_metrics(self.reference, accumulator.reduce(), METRICS)
+        predicted = self.classifier.predict(digits_features(images))
+        return {**{k: float(v) for k, v in report.items()}, "class_accuracy": float(np.mean(predicted == labels))}
+
+
+def fid_runs(demo: Demo, scorer: Scorer, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Part (b): each run's images drawn as README command 1 draws them, timed, then scored."""
+    n = args.num_samples
+    labels = plan_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, LABEL_SAMPLING, sample_seed)
+    codec = PixelCodec(demo.model.in_channels)
+    rows = []
+    for run in args.runs:
+        name, target = parse_run(run)
+        sampler = make_sampler(demo, name, steps_for_nfe(name, target))
+        start = time.perf_counter()
+        x0 = draw(demo, sampler, n, labels, args.batch_size, clip=True)
+        seconds = time.perf_counter() - start
+        images = codec.decode(x0).numpy()
+        row = {"ckpt": demo.path, "sampler": name, "steps": sampler.steps, "nfe": sampler.nfe,
+               "s_per_1000": round(seconds * PER_THOUSAND / n, 1), **scorer.score(images, labels)}
+        rows.append(row)
+        print(json.dumps({"part": "fid", **row}), flush=True)
+    return rows
+
+
+def plot_error(error: dict[str, Any], out: Path) -> None:
+    """Solver error against NFE, log-log, one line per sampler."""
+    import matplotlib  # only this output needs it (not a dependency of the package)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for name in DETERMINISTIC:
+        rows = [r for r in error["rows"] if r["sampler"] == name]
+        ax.plot([r["nfe"] for r in rows], [r["rms"] for r in rows], marker="o", label=name)
+    ax.axhline(error["reference_check"]["rms"], color="grey", linestyle=":", label="reference's own error (est.)")
+    ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)",
+           ylabel="RMS distance to converged ODE solution", title="Solver error, demo digits model, cfg 1.5")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/BENCHMARKS.md."""
+    lines = []
+    if "error" in result:
+        error = result["error"]
+        nfes = sorted({r["nfe"] for r in error["rows"]})
+        lines += ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+        for name in DETERMINISTIC:
+            cells = {r["nfe"]: f"{r['rms']:.2e}" for r in error["rows"] if r["sampler"] == name}
+            lines.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in nfes) + " |")
+        lines.append("")
+    if "fid" in result:
+        lines += ["| checkpoint | sampler | steps | NFE | FID | sFID | precision | recall | class acc. | s / 1,000 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {Path(r['ckpt']).name} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | "
+                  f"{r['sfid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.1%} | "
+                  f"{r['s_per_1000']} |" for r in result["fid"]]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", default=["models/assets/digits-dit.pt"],
+                   help="demo checkpoints; the FID part runs on each, the error part on the first")
+    p.add_argument("--ref", default="demo_out/digits-ref.npz", help="reference batch of the real digits")
+    p.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (guidance doubles it)")
+    p.add_argument("--error-samples", type=int, default=64)
+    p.add_argument("--error-nfe", type=int, nargs="+", default=list(ERROR_NFE))
+    p.add_argument("--reference-steps", type=int, default=1000, help="steps of the converged ODE solution")
+    p.add_argument("--check-steps", type=int, default=500, help="the same solver again, to estimate its error")
+    p.add_argument("--num-samples", type=int, default=1000, help="images per FID run")
+    p.add_argument("--runs", nargs="+", default=list(FID_RUNS), help="sampler:NFE")
+    p.add_argument("--inception-batch", type=int, default=64)
+    p.add_argument("--json", type=Path, default=None, help="write every number here")
+    p.add_argument("--plot", type=Path, default=None, help="solver error PNG (needs matplotlib)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(available_cpus())
+    result: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(), "cpus": available_cpus(),
+                                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                          "load_average_start": os.getloadavg()},
+                              "cfg_scale": args.cfg_scale}
+    start = time.perf_counter()
+    if "error" in args.part:
+        result["error"] = solver_error(load_demo(args.ckpt[0], args.cfg_scale), args)
+        if args.plot:
+            plot_error(result["error"], args.plot)
+    if "fid" in args.part:
+        scorer = Scorer(args.ref, args.inception_batch)
+        result["fid"] = [row for ckpt in args.ckpt for row in fid_runs(load_demo(ckpt, args.cfg_scale), scorer, args)]
+    result["machine"]["load_average_end"] = os.getloadavg()
+    result["seconds"] = math.ceil(time.perf_counter() - start)
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
