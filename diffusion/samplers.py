@@ -38,6 +38,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     HEUN: ("HeunDiscreteScheduler", {}),
 }
 STOCHASTIC = frozenset({DPMPP_2M_SDE})  # a fresh normal draw at every step
+MULTISTEP = frozenset({DPMPP_2M, DPMPP_2M_SDE, UNIPC})  # divide by the log-SNR step: no timestep twice
 PREDICTION_EPSILON, PREDICTION_V = "epsilon", "v_prediction"  # diffusers' prediction_type values
 CLIP = 1.0  # clip_denoised keeps the predicted x_0 in [-CLIP, CLIP] (pixel data)
 
@@ -92,6 +93,10 @@ class Sampler:
             alphas_cumprod = np.cumprod(1.0 - betas)
             self._train_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # [T] float64
         self.timesteps = self._timesteps()
+        distinct = len({ts.model_t for ts in self.timesteps})
+        if name in MULTISTEP and distinct < steps:
+            raise DiffusionError(f"{name} with {steps} steps visits a timestep of the {diffusion_steps}-step "
+                                 f"schedule twice (a zero step, which gives NaN); use at most {distinct} steps")
 
     @property
     def nfe(self) -> int:

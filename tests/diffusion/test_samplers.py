@@ -180,6 +180,11 @@ def test_bad_sampler_settings_are_one_line_errors():
         Sampler("euler", 10, eta=0.5)
     with pytest.raises(DiffusionError, match="1..1000"):
         Sampler("unipc", 0)
+    for name in ("dpm++2m", "dpm++2m-sde", "unipc"):  # diffusers' linspace spacing repeats a timestep at T
+        with pytest.raises(DiffusionError, match="at most 999 steps"):
+            Sampler(name, 1000)
+        Sampler(name, 999)
+    Sampler("euler", 1000)
     with pytest.raises(DiffusionError, match="noise source"):
         Sampler("dpm++2m-sde", 5)(_TinyModel(), torch.zeros(1, C, H, H), model_kwargs={"y": LABELS[:1]})
 
