@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from diffusion import DEFAULT_DIFFUSION_STEPS, DiffusionError
 from diffusion.guidance import CHANNEL_MODES, guided_model
-from diffusion.rng import MAX_GLOBAL_SEED, SampleNoise, sample_seed
+from diffusion.rng import LABEL_RULES, LABEL_SAMPLING, MAX_GLOBAL_SEED, SampleNoise, class_labels
 from diffusion.samplers import DDIM, SAMPLER_NAMES, Sampler
 from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid, read_pngs
 from evaluation.cli import HelpFormatter, cli_warnings
@@ -205,7 +205,7 @@ def build_parser(require_ref: bool = False, **parser_args: str) -> argparse.Argu
         help="first3 reproduces the DiT paper; all is the standard form")
     add("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=d.guidance_interval,
         help="apply guidance only for training timesteps LOW <= t <= HIGH")
-    add("--label-sampling", choices=shard.LABEL_SAMPLING, default=d.label_sampling,
+    add("--label-sampling", choices=LABEL_SAMPLING, default=d.label_sampling,
         help="balanced: every class N/C times (as even as possible)")
     add("--precision", choices=PRECISIONS, default=d.precision, help="bf16 autocast for the model")
     add("--compile", action="store_true", help="torch.compile the model (the last batch is padded: one shape)")
@@ -420,7 +420,7 @@ def open_run(cfg: SampleConfig, info: dist.DistInfo, labels: np.ndarray, lock: r
         manifest = rundir.Manifest(cfg.run_dir, {
             "version": rundir.MANIFEST_VERSION, "identity": identity, "config": dataclasses.asdict(cfg),
             "sampler": sampler.describe(), "seed_formula": SEED_RULE,
-            "label_rule": shard.LABEL_RULES[cfg.label_sampling], "labels": labels.tolist(), "sessions": []})
+            "label_rule": LABEL_RULES[cfg.label_sampling], "labels": labels.tolist(), "sessions": []})
     manifest.data["versions"] = package_versions()
     manifest.start_session(world_size=info.world_size, per_proc_batch_size=cfg.per_proc_batch_size,
                            device=info.device.type)
@@ -602,8 +602,7 @@ def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, label
         for batch in shard.rank_batches(missing, info.world_size, info.rank, cfg.per_proc_batch_size):
             if batch:
                 rows = _padded(batch, cfg.per_proc_batch_size)
-                noise = SampleNoise([sample_seed(cfg.global_seed, i) for i in rows])
-                noise.randint(cfg.num_classes)  # the label draw; keeps every stream's layout fixed
+                noise = SampleNoise.for_samples(cfg.global_seed, rows, cfg.num_classes)
                 z = noise.randn(latent_shape, info.device)
                 y = torch.as_tensor(labels[rows], device=info.device)
                 with _autocast(cfg, info.device):
@@ -654,8 +653,7 @@ def run(cfg: SampleConfig) -> int:
     info = setup_process(cfg)
     if cfg.pack_only:
         return pack(cfg) if info.is_main else EXIT_OK
-    labels = shard.plan_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling,
-                               sample_seed)
+    labels = class_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling)
     network = open_network(cfg, info)
     evaluation = open_evaluation(cfg, info.device) if cfg.ref else None
     stopped, report = sample_run(cfg, info, network, labels, evaluation)

@@ -10,8 +10,9 @@ One process: the model is loaded once (per --ckpt), Inception once, the referenc
 (a) `error`: 64 fixed x_T (sample i's generator seeded as sample_ddp.py seeds index i of global seed 0,
     balanced labels), the guided probability-flow ODE (cfg --cfg-scale on all channels, no x_0 clipping)
     solved by each deterministic sampler at NFE 5..100. Solver error: RMS distance of the result to the
-    same ODE solved by DPM-Solver++(2M) with --reference-steps steps, in model units ([-1, 1] = 2 x 127.5
-    grey levels). The reference's own error is estimated by the same solver at --check-steps steps.
+    same ODE solved by DPM-Solver++(2M) with --reference-steps steps (999: at most T - 1 for a multistep
+    solver), in model units ([-1, 1] = 2 x 127.5 grey levels). The reference's own error is estimated by
+    the same solver at --check-steps steps.
 (b) `fid`: --num-samples images per run drawn exactly as README command 1 draws them (sample_ddp.py:
     balanced labels of global seed 0, per-sample generators, clipped x_0, guidance on all channels), scored
     with FID/sFID/precision/recall against --ref, and the share an RBF SVM fitted on the real digits labels
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from diffusion.guidance import CHANNELS_ALL, guided_model
-from diffusion.rng import SampleNoise, sample_seed
+from diffusion.rng import BALANCED_LABELS, SampleNoise, class_labels
 from diffusion.samplers import DDIM, DDPM, DPMPP_2M, DPMPP_2M_SDE, EULER, HEUN, UNIPC, Sampler
 from evaluation.features import POOL, SPATIAL, FeatureAccumulator
 from evaluation.inception import InceptionExtractor, resolve_weights
@@ -46,7 +47,6 @@ from evaluation.metrics import METRIC_FID, METRIC_PREC, METRIC_RECALL, METRIC_SF
 from evaluation.reference_cache import DEFAULT_CACHE_DIR, Reference, load_reference
 from evaluation.report import report_metrics
 from launch.files import available_cpus
-from launch.shard import plan_labels
 from models.checkpoints import build_model
 from models.data import DIGITS_NUM_CLASSES, DIGITS_SIZE, digits_classifier, digits_features
 from models.vae import PixelCodec
@@ -64,7 +64,6 @@ REFERENCE_SAMPLER = DPMPP_2M
 GLOBAL_SEED = 0
 GREY_LEVELS_PER_UNIT = 127.5  # model units [-1, 1] -> uint8 grey levels
 PER_THOUSAND = 1000
-LABEL_SAMPLING = "balanced"
 
 
 @dataclass
@@ -106,8 +105,7 @@ def parse_run(text: str) -> tuple[str, int]:
 def sample(demo: Demo, sampler: Sampler, indices: Sequence[int], labels: np.ndarray, clip: bool) -> torch.Tensor:
     """x_0 [B, C, H, W] float32 of global `indices`, each from its own generator as sample_ddp.py draws it."""
     model = demo.model
-    noise = SampleNoise([sample_seed(GLOBAL_SEED, i) for i in indices])
-    noise.randint(DIGITS_NUM_CLASSES)  # the label draw: keeps every stream's layout as in sample_ddp.py
+    noise = SampleNoise.for_samples(GLOBAL_SEED, indices, DIGITS_NUM_CLASSES)
     z = noise.randn((model.in_channels, model.input_size, model.input_size))
     y = torch.as_tensor(labels[list(indices)])
     return sampler(demo.model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=clip).float()
@@ -125,7 +123,7 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
 def solver_error(demo: Demo, args: argparse.Namespace) -> dict[str, Any]:
     """Part (a): each deterministic sampler's RMS distance to the converged ODE solution, per NFE."""
     n = args.error_samples
-    labels = plan_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, LABEL_SAMPLING, sample_seed)
+    labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
 
     def solve(name: str, steps: int) -> tuple[torch.Tensor, int, float]:
         sampler = make_sampler(demo, name, steps)
@@ -168,7 +166,7 @@ class Scorer:
 def fid_runs(demo: Demo, scorer: Scorer, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Part (b): each run's images drawn as README command 1 draws them, timed, then scored."""
     n = args.num_samples
-    labels = plan_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, LABEL_SAMPLING, sample_seed)
+    labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
     codec = PixelCodec(demo.model.in_channels)
     rows = []
     for run in args.runs:
@@ -236,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (guidance doubles it)")
     p.add_argument("--error-samples", type=int, default=64)
     p.add_argument("--error-nfe", type=int, nargs="+", default=list(ERROR_NFE))
-    p.add_argument("--reference-steps", type=int, default=1000, help="steps of the converged ODE solution")
+    p.add_argument("--reference-steps", type=int, default=999, help="steps of the converged ODE solution")
     p.add_argument("--check-steps", type=int, default=500, help="the same solver again, to estimate its error")
     p.add_argument("--num-samples", type=int, default=1000, help="images per FID run")
     p.add_argument("--runs", nargs="+", default=list(FID_RUNS), help="sampler:NFE")

@@ -1,8 +1,13 @@
-"""Per-sample random streams: every random number of sample i comes from its own generator.
+"""Per-sample random streams and class labels: every random number of sample i comes from its own generator.
 
 seed_i = global_seed * 2**32 + i, so sample i gets the same class label, the same initial noise
 and the same noise at every step whatever the world size, the per-process batch size, or how
 often the job was resumed (as in EDM's generate.py, one generator per image).
+
+The layout of sample i's stream: draw 1 is its class label (randint(num_classes), the official
+sampler's label draw; consumed also when the labels are balanced), draw 2 is x_T, then each noisy
+step's noise. `class_labels` draws the labels, once per run; `SampleNoise.for_samples` hands the
+sampling loop the streams positioned after that first draw.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 SEED_STRIDE = 2**32
@@ -18,6 +24,12 @@ MAX_GLOBAL_SEED = 2**32 - 1
 PREFETCH_DEPTH = 4  # draws kept ready ahead of a sampling loop (each [B, C, H, W] float32)
 QUEUE_POLL_S = 0.1  # how often a blocked producer checks whether the loop has ended
 CPU, CUDA = "cpu", "cuda"
+RANDOM_LABELS, BALANCED_LABELS = "random", "balanced"
+LABEL_SAMPLING = (RANDOM_LABELS, BALANCED_LABELS)
+LABEL_RULES = {  # the manifest records the rule's text
+    RANDOM_LABELS: "label_i is the first draw, randint(num_classes), of sample i's own generator",
+    BALANCED_LABELS: "labels = numpy.random.default_rng(global_seed).permutation(arange(N) % num_classes)",
+}
 
 
 def sample_seed(global_seed: int, index: int) -> int:
@@ -27,6 +39,25 @@ def sample_seed(global_seed: int, index: int) -> int:
     if not 0 <= index < SEED_STRIDE:
         raise ValueError(f"sample index must be in [0, 2**32), got {index}")
     return global_seed * SEED_STRIDE + index
+
+
+def class_labels(num_samples: int, num_classes: int, global_seed: int, mode: str) -> np.ndarray:
+    """The class label of every sample 0..N-1, int64 [N] (LABEL_RULES[mode]).
+
+    random: label_i is the first draw of sample i's generator (its draw 1).
+    balanced: a permutation (numpy default_rng(global_seed)) of `arange(N) % num_classes`, so each
+    class appears floor(N/C) or ceil(N/C) times (exactly N/C when C divides N).
+    """
+    if mode == BALANCED_LABELS:
+        return np.random.default_rng(global_seed).permutation(np.arange(num_samples, dtype=np.int64) % num_classes)
+    if mode != RANDOM_LABELS:
+        raise ValueError(f"label sampling must be one of {LABEL_SAMPLING}, got {mode!r}")
+    labels = np.empty(num_samples, dtype=np.int64)
+    generator = torch.Generator()
+    for i in range(num_samples):
+        generator.manual_seed(sample_seed(global_seed, i))
+        labels[i] = int(torch.randint(num_classes, (1,), generator=generator))
+    return labels
 
 
 class SampleNoise:
@@ -39,6 +70,15 @@ class SampleNoise:
 
     def __init__(self, seeds: Sequence[int]):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    @classmethod
+    def for_samples(cls, global_seed: int, indices: Sequence[int], num_classes: int) -> SampleNoise:
+        """The streams of samples `indices`, positioned at their x_T: past draw 1, the label slot that
+        `class_labels` read (stepped over, not used again, so the layout is the same under either rule)."""
+        noise = cls([sample_seed(global_seed, i) for i in indices])
+        for generator in noise.generators:
+            torch.randint(num_classes, (1,), generator=generator)
+        return noise
 
     def __len__(self) -> int:
         return len(self.generators)

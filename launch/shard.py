@@ -1,22 +1,13 @@
-"""The work plan: global sample indices -> ranks -> batches, with per-index seeds and labels.
+"""The work plan: global sample indices -> ranks -> batches.
 
 Nothing here depends on the world size except which rank draws which index, so sample i is
-the same image whatever the cluster looks like (see diffusion/rng.py for the seed formula).
+the same image whatever the cluster looks like (diffusion/rng.py owns the seeds and the labels).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-
-import numpy as np
-import torch
-
-LABEL_SAMPLING = ("random", "balanced")
-LABEL_RULES = {  # recorded in the manifest
-    "random": "label_i is the first draw, randint(num_classes), of sample i's own generator",
-    "balanced": "labels = numpy.random.default_rng(global_seed).permutation(arange(N) % num_classes)",
-}
+from collections.abc import Iterator, Sequence
 
 
 def share_bounds(n: int, part: int, parts: int) -> tuple[int, int]:
@@ -38,27 +29,6 @@ def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
 def num_rounds(num_missing: int, world_size: int, batch_size: int) -> int:
     """Loop iterations every rank runs: the batch count of the largest share (equal on all ranks)."""
     return math.ceil(math.ceil(num_missing / world_size) / batch_size) if num_missing else 0
-
-
-def plan_labels(num_samples: int, num_classes: int, global_seed: int, mode: str,
-                seed_fn: Callable[[int, int], int]) -> np.ndarray:
-    """Class label of every global index, int64 [N].
-
-    random: label_i is the first draw, randint(num_classes), of sample i's own generator.
-    balanced: a permutation (numpy default_rng(global_seed)) of `arange(N) % num_classes`, so each
-    class appears floor(N/C) or ceil(N/C) times (exactly N/C when C divides N).
-    """
-    if mode == "balanced":
-        rng = np.random.default_rng(global_seed)
-        return rng.permutation(np.arange(num_samples, dtype=np.int64) % num_classes)
-    if mode != "random":
-        raise ValueError(f"label sampling must be one of {LABEL_SAMPLING}, got {mode!r}")
-    labels = np.empty(num_samples, dtype=np.int64)
-    gen = torch.Generator()
-    for i in range(num_samples):
-        gen.manual_seed(seed_fn(global_seed, i))
-        labels[i] = int(torch.randint(num_classes, (1,), generator=gen))
-    return labels
 
 
 def rank_batches(missing: Sequence[int], world_size: int, rank: int, batch_size: int) -> Iterator[list[int]]:

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import sample_ddp
+from diffusion.rng import class_labels
 from evaluation.cli import cli_warnings
 from evaluation.metrics import JSON_KEYS, METRICS, STD_SUFFIX
-from launch import dist, shard
+from launch import dist
 from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
 from launch.files import atomic_write, write_json_atomic
 
@@ -125,8 +126,7 @@ def run_sweep(points: list[Point], sweep_dir: Path, plot: bool) -> int:
     writes the sweep files at the end. Returns an exit code."""
     base = points[0].cfg
     info = sample_ddp.setup_process(base)
-    labels = shard.plan_labels(base.num_fid_samples, base.num_classes, base.global_seed, base.label_sampling,
-                               sample_ddp.sample_seed)
+    labels = class_labels(base.num_fid_samples, base.num_classes, base.global_seed, base.label_sampling)
     network = sample_ddp.open_network(base, info)
     evaluation = sample_ddp.open_evaluation(base, info.device)
     rows = []

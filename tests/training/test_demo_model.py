@@ -91,7 +91,7 @@ def test_sample_ddp_draws_the_requested_digits_with_the_stored_objective(demo, t
     model, _ = demo
     diffusion = create_diffusion(f"ddim{DDIM_STEPS}", learn_sigma=model.learn_sigma, predict_v=True)
     noise = SampleNoise([sample_seed(0, i) for i in range(n)])
-    noise.randint(NUM_CLASSES)
+    noise.randint(NUM_CLASSES)  # draw 1, the label slot (the labels here are balanced)
     fn = guided_model(model, CFG_SCALE, NUM_CLASSES, channels="all")
     with torch.no_grad():
         z = diffusion.ddim_sample_loop(fn, (n, model.in_channels, 32, 32), clip_denoised=True,
