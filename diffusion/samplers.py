@@ -29,16 +29,23 @@ DDPM, DDIM = "ddpm", "ddim"
 DPMPP_2M, DPMPP_2M_SDE, UNIPC, EULER, HEUN = "dpm++2m", "dpm++2m-sde", "unipc", "euler", "heun"
 SAMPLER_NAMES = (DDPM, DDIM, DPMPP_2M, DPMPP_2M_SDE, UNIPC, EULER, HEUN)
 
-# diffusers scheduler class and the settings that differ from its defaults, per sampler name
+# diffusers scheduler class and the settings that differ from its defaults, per sampler name. The step
+# placement is each solver's own recommendation, measured on the demo model (docs/BENCHMARKS.md, "Samplers"):
+# the multistep solvers step uniformly in log-SNR (DPM-Solver's "logSNR" spacing; diffusers' default, uniform
+# in t, ends its last step at sigma 0.23 for 15 steps and leaves most of the error there), Heun takes EDM's
+# (Karras) noise levels (uniform in t its first step jumps from sigma 157 to ~1 and needs 50 NFE to recover),
+# Euler keeps the default, which measured best for it.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    DPMPP_2M: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    DPMPP_2M_SDE: ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    UNIPC: ("UniPCMultistepScheduler", {}),
+    DPMPP_2M: ("DPMSolverMultistepScheduler",
+               {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_lu_lambdas": True}),
+    DPMPP_2M_SDE: ("DPMSolverMultistepScheduler",
+                   {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_lu_lambdas": True}),
+    UNIPC: ("UniPCMultistepScheduler", {"use_exponential_sigmas": True}),
     EULER: ("EulerDiscreteScheduler", {}),
-    HEUN: ("HeunDiscreteScheduler", {}),
+    HEUN: ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
 }
 STOCHASTIC = frozenset({DPMPP_2M_SDE})  # a fresh normal draw at every step
-MULTISTEP = frozenset({DPMPP_2M, DPMPP_2M_SDE, UNIPC})  # divide by the log-SNR step: no timestep twice
+MULTISTEP = frozenset({DPMPP_2M, DPMPP_2M_SDE, UNIPC})  # divide by the log-SNR step: no noise level twice
 PREDICTION_EPSILON, PREDICTION_V = "epsilon", "v_prediction"  # diffusers' prediction_type values
 CLIP = 1.0  # clip_denoised keeps the predicted x_0 in [-CLIP, CLIP] (pixel data)
 
@@ -90,13 +97,12 @@ class Sampler:
         else:
             betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
             self.scheduler = make_scheduler(name, betas, predict_v)
-            alphas_cumprod = np.cumprod(1.0 - betas)
-            self._train_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # [T] float64
         self.timesteps = self._timesteps()
-        distinct = len({ts.model_t for ts in self.timesteps})
-        if name in MULTISTEP and distinct < steps:
-            raise DiffusionError(f"{name} with {steps} steps visits a timestep of the {diffusion_steps}-step "
-                                 f"schedule twice (a zero step, which gives NaN); use at most {distinct} steps")
+        if name in MULTISTEP:
+            distinct = len(np.unique(self.scheduler.sigmas[:steps].numpy()))
+            if distinct < steps:
+                raise DiffusionError(f"{name} with {steps} steps visits a noise level of the {diffusion_steps}-step "
+                                     f"schedule twice (a zero step, which gives NaN); use at most {distinct} steps")
 
     @property
     def nfe(self) -> int:
@@ -154,16 +160,18 @@ class Sampler:
         def step(denoise: Denoise, x: Tensor, ts: Timestep, z: Tensor | None) -> tuple[Tensor, Tensor | None]:
             t = scheduler.timesteps[ts.index]
             x_in = scheduler.scale_model_input(x, t)  # the variance-preserving x_t the model was trained on
-            prediction = self._prediction(denoise(x_in), x_in, ts.model_t, clip_denoised)
+            sigma = float(scheduler.sigmas[ts.index])  # this step's noise level (t may be rounded from it)
+            prediction = self._prediction(denoise(x_in), x_in, sigma, clip_denoised)
             extra = {} if z is None else {"variance_noise": z}
             out = scheduler.step(prediction, t, x, **extra)
             return out.prev_sample, getattr(out, "pred_original_sample", None)
 
         return step
 
-    def _prediction(self, output: Tensor, x_in: Tensor, model_t: float, clip_denoised: bool) -> Tensor:
+    def _prediction(self, output: Tensor, x_in: Tensor, sigma: float, clip_denoised: bool) -> Tensor:
         """The eps (or v) part of the model output, in x's dtype; with clip_denoised, adjusted so that the
-        x_0 it implies lies in [-1, 1] (as ADM clips x_0 and re-derives eps for DDIM)."""
+        x_0 it implies lies in [-1, 1] (as ADM clips x_0 and re-derives eps for DDIM). sigma: the step's noise
+        level in diffusers' units, sqrt((1 - alpha_bar) / alpha_bar)."""
         C = x_in.shape[1]
         expected = 2 * C if self.learn_sigma else C
         if output.shape[1] != expected:
@@ -171,8 +179,7 @@ class Sampler:
         prediction = output[:, :C].to(x_in.dtype)
         if not clip_denoised:
             return prediction
-        sigma = float(np.interp(model_t, np.arange(len(self._train_sigmas)), self._train_sigmas))
-        alpha_bar = 1.0 / (1.0 + sigma**2)  # at fractional t as diffusers' Euler and Heun place them
+        alpha_bar = 1.0 / (1.0 + sigma**2)
         a, s = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
         # x_0 = (x_t - s eps) / a  or  x_0 = a x_t - s v;  clipping moves x_0 by d
         x0 = a * x_in - s * prediction if self.predict_v else (x_in - s * prediction) / a

@@ -25,12 +25,14 @@ SEEDS = [21, 22, 23, 24]
 LABELS = torch.tensor([1, 4, 7, 9])
 
 # independent set-up of each scheduler (the sampler builds its own through diffusion.samplers)
-PLAIN = {
-    "dpm++2m": lambda **kw: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **kw),
-    "dpm++2m-sde": lambda **kw: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2, **kw),
-    "unipc": lambda **kw: UniPCMultistepScheduler(**kw),
+PLAIN = {  # step placement: log-SNR uniform for the multistep solvers, Karras (EDM) for Heun, default for Euler
+    "dpm++2m": lambda **kw: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                        use_lu_lambdas=True, **kw),
+    "dpm++2m-sde": lambda **kw: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2,
+                                                            use_lu_lambdas=True, **kw),
+    "unipc": lambda **kw: UniPCMultistepScheduler(use_exponential_sigmas=True, **kw),
     "euler": lambda **kw: EulerDiscreteScheduler(**kw),
-    "heun": lambda **kw: HeunDiscreteScheduler(**kw),
+    "heun": lambda **kw: HeunDiscreteScheduler(use_karras_sigmas=True, **kw),
 }
 
 
@@ -61,12 +63,15 @@ def _start(seeds=SEEDS):
     return noise.randn((C, H, H)), noise
 
 
-def _plain_loop(name, schedule, prediction, model_fn, steps, x_T, generators):
+def _plain_loop(name, schedule, prediction, model_fn, steps, x_T, generators, sigma_now=None):
+    """diffusers' documented loop; `sigma_now` (a dict), if given, holds each call's noise level under "sigma"."""
     scheduler = PLAIN[name](num_train_timesteps=T, trained_betas=_betas(schedule).tolist(), prediction_type=prediction)
     scheduler.set_timesteps(steps)
     x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t)
+        if sigma_now is not None:
+            sigma_now["sigma"] = float(scheduler.sigmas[i])
         out = model_fn(x_in, t.expand(len(x)), LABELS)
         extra = {} if generators is None else {"generator": generators}
         x = scheduler.step(out[:, :C], t, x, **extra).prev_sample
@@ -149,15 +154,13 @@ def test_nfe_counts_model_calls(name, steps, nfe):
 def test_clip_denoised_keeps_the_implied_x0_in_range(name, prediction):
     """Against the plain loop with a model whose x_0 is clipped and its eps (or v) re-derived, ADM's way."""
     predict_v = prediction == "v_prediction"
-    betas = _betas("linear")
-    train_sigmas = np.sqrt(1 / np.cumprod(1 - betas) - 1)
+    now = {}
 
     def loud(x, t, y):  # x_0 far outside [-1, 1]
         return 4 * _TinyModel()(x, t, y)
 
     def clipped(x, t, y):
-        sigma = np.interp(t[0].item(), np.arange(T), train_sigmas)
-        a = 1 / (1 + sigma**2)
+        a = 1 / (1 + now["sigma"] ** 2)  # alpha_bar of the step's noise level (t is rounded for dpm++2m)
         out = loud(x, t, y)[:, :C].double()
         x = x.double()
         x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out if predict_v else (x - math.sqrt(1 - a) * out) / math.sqrt(a)
@@ -168,7 +171,7 @@ def test_clip_denoised_keeps_the_implied_x0_in_range(name, prediction):
 
     x_T, _ = _start()
     ours = Sampler(name, 6, predict_v=predict_v)(loud, x_T, model_kwargs={"y": LABELS}, clip_denoised=True)
-    expected = _plain_loop(name, "linear", prediction, clipped, 6, x_T, None)
+    expected = _plain_loop(name, "linear", prediction, clipped, 6, x_T, None, now)
     unclipped = Sampler(name, 6, predict_v=predict_v)(loud, x_T, model_kwargs={"y": LABELS})
     assert (ours - expected).abs().max() <= 1e-4 and (unclipped - expected).abs().max() > 1e-2
 
@@ -180,11 +183,18 @@ def test_bad_sampler_settings_are_one_line_errors():
         Sampler("euler", 10, eta=0.5)
     with pytest.raises(DiffusionError, match="1..1000"):
         Sampler("unipc", 0)
-    for name in ("dpm++2m", "dpm++2m-sde", "unipc"):  # diffusers' linspace spacing repeats a timestep at T
-        with pytest.raises(DiffusionError, match="at most 999 steps"):
-            Sampler(name, 1000)
-        Sampler(name, 999)
-    Sampler("euler", 1000)
+    for name in ("dpm++2m", "unipc", "euler", "heun"):  # every step count up to T works
+        Sampler(name, T)
+
+
+def test_a_multistep_spacing_that_repeats_a_noise_level_is_refused(monkeypatch):
+    """diffusers' default (linspace) placement repeats a timestep at 1000 of 1000 steps: h = 0, NaN."""
+    import diffusion.samplers as samplers
+
+    monkeypatch.setitem(samplers.SCHEDULERS, "dpm++2m", ("DPMSolverMultistepScheduler", {"solver_order": 2}))
+    with pytest.raises(DiffusionError, match="at most 999 steps"):
+        Sampler("dpm++2m", T)
+    Sampler("dpm++2m", T - 1)
     with pytest.raises(DiffusionError, match="noise source"):
         Sampler("dpm++2m-sde", 5)(_TinyModel(), torch.zeros(1, C, H, H), model_kwargs={"y": LABELS[:1]})
 
