@@ -23,9 +23,10 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from diffusion import DEFAULT_DIFFUSION_STEPS, DiffusionError
 from diffusion.guidance import CHANNEL_MODES, guided_model
-from diffusion.rng import LABEL_RULES, LABEL_SAMPLING, MAX_GLOBAL_SEED, SampleNoise, class_labels
+from diffusion.rng import LABEL_RULES, LABEL_SAMPLING, MAX_GLOBAL_SEED, SEED_RULE, SampleNoise, class_labels
 from diffusion.samplers import DDIM, SAMPLER_NAMES, Sampler
 from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid, read_pngs
 from evaluation.cli import HelpFormatter, cli_warnings
@@ -58,7 +59,7 @@ from evaluation.shards import (
     scan_features,
 )
 from launch import dist, preempt, rundir, shard
-from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
+from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, exit_process
 from launch.files import (
     FileWriteError,
     atomic_write,
@@ -83,8 +84,8 @@ SD_VAE_DOWNSAMPLE = 8  # sd-vae-ft latents are 1/8 of the image (a --vae-path VA
 # One PNG per image in one folder, every label in the manifest, and a resume scan that opens every file:
 # beyond this a run is better split over --global-seed values (and planning it would take minutes).
 MAX_NUM_SAMPLES = 10_000_000
+T = TypeVar("T")
 VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
-SEED_RULE = "seed_i = global_seed * 2**32 + i"
 SAVE_PNG, SAVE_NPZ, SAVE_NONE = "png", "npz", "none"
 SAVE_CHOICES = (SAVE_PNG, SAVE_NPZ, SAVE_NONE)
 METRICS_SUFFIX = ".metrics.json"  # <sample-dir>/<run>.metrics.json, beside <run>.npz
@@ -765,13 +766,27 @@ BAD_INPUT_ERRORS = (ConfigError, CheckpointError, CodecError, rundir.RunDirError
                     dist.DistConfigError, EvaluationError, InceptionWeightsError, DivergedError)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(prepare: Callable[[], T], body: Callable[[T], int],
+                errors: tuple[type[BaseException], ...] = ()) -> int:
+    """A sampling command's two phases: `prepare` (the checks that need no model; bad input, including one of
+    `errors`, is one line from rank 0 and exit 2 before any work), then `body` under `cli_warnings` (bad input
+    found later, on any rank: `exit_bad_input`)."""
+    try:
+        prepared = prepare()
+    except (*BAD_INPUT_ERRORS, *errors) as exc:
+        if dist.is_main():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     try:
         with cli_warnings():  # `warning: <message>` lines
-            return run(config_from_args(args))
+            return body(prepared)
     except BAD_INPUT_ERRORS as exc:
         exit_bad_input(exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # an unknown flag exits 2 here (argparse)
+    return run_command(lambda: config_from_args(args), run)
 
 
 def exit_bad_input(exc: Exception) -> None:
@@ -787,12 +802,8 @@ def exit_bad_input(exc: Exception) -> None:
         print(line, file=sys.stderr, flush=True)
     elif dist.is_main():
         print(line, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(EXIT_BAD_INPUT)
+    exit_process(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: a process-group thread destroyed late can abort a finished rank
+    exit_process(main())

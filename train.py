@@ -73,34 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        choices=T.DATASETS,
-        default=d.dataset,
-        help="folder: class subfolders; latents: a --latent-cache file; digits: the offline demo set",
-    )
+    g.add_argument("--dataset", choices=T.DATASETS, default=d.dataset,
+                   help="folder: class subfolders; latents: a --latent-cache file; digits: the offline demo set")
     g.add_argument("--data-path", default=d.data_path, help="image folder (class = subfolder) or latent file")
     g.add_argument("--image-size", type=int, default=d.image_size, help="ADM centre crop to this side")
-    g.add_argument(
-        "--num-classes", type=int, default=d.num_classes, help="default: the number of classes found"
-    )
-    g.add_argument(
-        "--hflip", action=argparse.BooleanOptionalAction, default=d.hflip, help="random horizontal flips"
-    )
-    g.add_argument(
-        "--image-channels",
-        type=int,
-        choices=(1, 3),
-        default=d.image_channels,
-        help="1: train a pixel-space model on the grey (luma) channel",
-    )
+    g.add_argument("--num-classes", type=int, default=d.num_classes, help="default: the number of classes found")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip, help="random horizontal flips")
+    g.add_argument("--image-channels", type=int, choices=(1, 3), default=d.image_channels,
+                   help="1: train a pixel-space model on the grey (luma) channel")
     g.add_argument("--vae", choices=CODEC_CHOICES, default=d.vae, help="sd-vae-ft latents; none: pixel space")
     g.add_argument("--vae-path", default=d.vae_path, help="local diffusers AutoencoderKL folder")
-    g.add_argument(
-        "--latent-cache",
-        default=d.latent_cache,
-        help="encode the images once into this file (made if missing) and train on it",
-    )
+    g.add_argument("--latent-cache", default=d.latent_cache,
+                   help="encode the images once into this file (made if missing) and train on it")
     g.add_argument(
         "--num-workers",
         type=int,
@@ -109,37 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"processes - 1, at most {T.AUTO_WORKERS_MAX}; in-memory latents and digits: 0)",
     )
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        choices=[*T.DIT_CONFIGS, T.CUSTOM_MODEL],
-        default=d.model,
-        help="a DiT configuration, or custom with the four flags below",
-    )
+    g.add_argument("--model", choices=[*T.DIT_CONFIGS, T.CUSTOM_MODEL], default=d.model,
+                   help="a DiT configuration, or custom with the four flags below")
     for name in ("depth", "hidden-size", "num-heads", "patch-size"):
         g.add_argument(f"--{name}", type=int, default=None, help="custom model only")
-    g.add_argument(
-        "--learn-sigma",
-        action=argparse.BooleanOptionalAction,
-        default=d.learn_sigma,
-        help="learned variance with the hybrid loss (MSE + VLB, improved DDPM)",
-    )
-    g.add_argument(
-        "--class-dropout",
-        type=float,
-        default=d.class_dropout,
-        help="probability of the null label (classifier-free guidance training)",
-    )
+    g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=d.learn_sigma,
+                   help="learned variance with the hybrid loss (MSE + VLB, improved DDPM)")
+    g.add_argument("--class-dropout", type=float, default=d.class_dropout,
+                   help="probability of the null label (classifier-free guidance training)")
     g = p.add_argument_group("objective")
     g.add_argument("--prediction", choices=T.PREDICTIONS, default=d.prediction, help="network target")
     g.add_argument("--noise-schedule", choices=T.SCHEDULES, default=d.noise_schedule)
     g.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
     g.add_argument("--use-kl", action="store_true", help="train on the variational bound only")
-    g.add_argument(
-        "--timestep-sampler",
-        choices=T.TIMESTEP_SAMPLERS,
-        default=d.timestep_sampler,
-        help="loss-second-moment: importance sampling of t (improved DDPM, for the VLB)",
-    )
+    g.add_argument("--timestep-sampler", choices=T.TIMESTEP_SAMPLERS, default=d.timestep_sampler,
+                   help="loss-second-moment: importance sampling of t (improved DDPM, for the VLB)")
     g.add_argument("--loss-weighting", choices=T.WEIGHTINGS, default=d.loss_weighting)
     g.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="min-SNR gamma")
     g.add_argument("--p2-gamma", type=float, default=d.p2_gamma)
@@ -162,40 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-every", type=int, default=d.lr_decay_every, help="step decay period (0: none)")
     g.add_argument("--lr-decay-factor", type=float, default=d.lr_decay_factor)
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
-    g.add_argument(
-        "--precision",
-        choices=T.PRECISIONS,
-        default=d.precision,
-        help="auto: bf16 autocast on CUDA, fp32 on CPU",
-    )
+    g.add_argument("--precision", choices=T.PRECISIONS, default=d.precision,
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--ema-decay", type=float, default=d.ema_decay)
     g.add_argument("--ema-warmup", action="store_true", help="decay min(ema_decay, (1+step)/(10+step))")
     g = p.add_argument_group("run")
     g.add_argument("--results-dir", default=d.results_dir, help="checkpoints/, samples/, log.txt go here")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps in total")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    g.add_argument(
-        "--checkpoints-total-limit",
-        type=int,
-        default=d.checkpoints_total_limit,
-        help="keep at most this many checkpoints (oldest removed)",
-    )
-    g.add_argument(
-        "--resume", default=d.resume, help="auto: newest checkpoint in --results-dir; none; or a file"
-    )
+    g.add_argument("--checkpoints-total-limit", type=int, default=d.checkpoints_total_limit,
+                   help="keep at most this many checkpoints (oldest removed)")
+    g.add_argument("--resume", default=d.resume, help="auto: newest checkpoint in --results-dir; none; or a file")
     g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument(
-        "--sample-every", type=int, default=d.sample_every, help="EMA sample grid period (0: none)"
-    )
+    g.add_argument("--sample-every", type=int, default=d.sample_every, help="EMA sample grid period (0: none)")
     g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps of the grids")
     g.add_argument("--sample-cfg", type=float, default=d.sample_cfg, help="guidance scale of the grids")
     g.add_argument("--global-seed", type=int, default=d.global_seed)
-    g.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=d.progress,
-        help="progress bar (only when stderr is a terminal)",
-    )
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress,
+                   help="progress bar (only when stderr is a terminal)")
     g.add_argument("--dist-timeout", type=float, default=d.dist_timeout)
     add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
     return p

@@ -12,7 +12,7 @@ One process: the model is loaded once (per --ckpt), Inception once, the referenc
     solved by each deterministic sampler at NFE 5..100. Solver error: RMS distance of the result to the
     same ODE solved by DPM-Solver++(2M) with --reference-steps steps (999: at most T - 1 for a multistep
     solver), in model units ([-1, 1] = 2 x 127.5 grey levels). The reference's own error is estimated by
-    the same solver at --check-steps steps.
+    the same solver at --check-steps steps and, independently, by ADM's DDIM at all 1,000 training steps.
 (b) `fid`: --num-samples images per run drawn exactly as README command 1 draws them (sample_ddp.py:
     balanced labels of global seed 0, per-sample generators, clipped x_0, guidance on all channels), scored
     with FID/sFID/precision/recall against --ref, and the share an RBF SVM fitted on the real digits labels
@@ -61,6 +61,7 @@ FID_RUNS = (
 )
 METRICS = (METRIC_FID, METRIC_SFID, METRIC_PREC, METRIC_RECALL)
 REFERENCE_SAMPLER = DPMPP_2M
+DDIM_ALL_STEPS = 1000  # the independent check: DDIM on every training step
 GLOBAL_SEED = 0
 GREY_LEVELS_PER_UNIT = 127.5  # model units [-1, 1] -> uint8 grey levels
 PER_THOUSAND = 1000
@@ -133,6 +134,7 @@ def solver_error(demo: Demo, args: argparse.Namespace) -> dict[str, Any]:
 
     reference, _, ref_seconds = solve(REFERENCE_SAMPLER, args.reference_steps)
     check, _, _ = solve(REFERENCE_SAMPLER, args.check_steps)
+    independent, _, _ = solve(DDIM, DDIM_ALL_STEPS)
     rows = []
     for name in DETERMINISTIC:
         for target in args.error_nfe:
@@ -141,7 +143,8 @@ def solver_error(demo: Demo, args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps({"part": "error", **rows[-1]}), flush=True)
     return {"samples": n, "reference": f"{REFERENCE_SAMPLER} {args.reference_steps} steps",
             "reference_seconds": round(ref_seconds, 1),
-            "reference_check": {"steps": args.check_steps, "rms": rms(check, reference)}, "rows": rows}
+            "reference_check": {"steps": args.check_steps, "rms": rms(check, reference),
+                                f"{DDIM}_{DDIM_ALL_STEPS}_rms": rms(independent, reference)}, "rows": rows}
 
 
 class Scorer:

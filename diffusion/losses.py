@@ -22,9 +22,7 @@ LOG_CLAMP_MIN = 1e-12
 GELU_CUBIC_COEF = 0.044715
 
 # Prediction targets the weights know about.
-TARGET_EPSILON = "epsilon"
-TARGET_VELOCITY = "velocity"
-TARGET_START_X = "x0"
+TARGET_EPSILON, TARGET_VELOCITY, TARGET_START_X = "epsilon", "velocity", "x0"
 TARGETS = (TARGET_EPSILON, TARGET_VELOCITY, TARGET_START_X)
 
 # Defaults from the papers: Min-SNR (Hang et al. 2023) gamma = 5; P2 (Choi et al. 2022) gamma = 1, k = 1.
@@ -32,9 +30,7 @@ DEFAULT_MIN_SNR_GAMMA = 5.0
 DEFAULT_P2_GAMMA = 1.0
 DEFAULT_P2_K = 1.0
 
-WEIGHTING_NONE = "none"
-WEIGHTING_MIN_SNR = "min_snr"
-WEIGHTING_P2 = "p2"
+WEIGHTING_NONE, WEIGHTING_MIN_SNR, WEIGHTING_P2 = "none", "min_snr", "p2"
 WEIGHTING_KINDS = (WEIGHTING_NONE, WEIGHTING_MIN_SNR, WEIGHTING_P2)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 SEED_STRIDE = 2**32
+SEED_RULE = "seed_i = global_seed * 2**32 + i"  # the manifest records the rule's text
 MAX_GLOBAL_SEED = 2**32 - 1
 PREFETCH_DEPTH = 4  # draws kept ready ahead of a sampling loop (each [B, C, H, W] float32)
 QUEUE_POLL_S = 0.1  # how often a blocked producer checks whether the loop has ended

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -19,3 +20,11 @@ def exit_code_of(body: Callable[[], int], errors: tuple[type[BaseException], ...
     except errors as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+
+
+def exit_process(code: int) -> None:
+    """Flush and leave now, with no interpreter teardown: a process-group thread destroyed late can abort a
+    rank that has finished, and a peer that died leaves destructors that would block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -14,14 +14,10 @@ flag of sample_ddp.py is accepted and means the same. Exit codes as the sampler'
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Sequence
 
 import sample_ddp
-from evaluation.cli import cli_warnings
-from launch import dist
-from launch.exits import EXIT_BAD_INPUT
+from launch.exits import exit_process
 
 EXAMPLES = """examples:
   torchrun --standalone --nproc_per_node=8 -m launch.pipeline --ref VIRTUAL_imagenet256_labeled.npz \\
@@ -54,21 +50,8 @@ def _prepare(args: argparse.Namespace) -> sample_ddp.SampleConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag exits 2 here (argparse)
-    try:
-        cfg = _prepare(args)
-    except (*sample_ddp.BAD_INPUT_ERRORS, PipelineError) as exc:
-        if dist.is_main():
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    try:
-        with cli_warnings():
-            return sample_ddp.run(cfg)
-    except sample_ddp.BAD_INPUT_ERRORS as exc:
-        sample_ddp.exit_bad_input(exc)
+    return sample_ddp.run_command(lambda: _prepare(args), sample_ddp.run, (PipelineError,))
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: a process-group thread destroyed late can abort a finished rank
+    exit_process(main())

@@ -20,18 +20,15 @@ import dataclasses
 import importlib.util
 import itertools
 import json
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import sample_ddp
 from diffusion.rng import class_labels
-from evaluation.cli import cli_warnings
 from evaluation.metrics import JSON_KEYS, METRICS, STD_SUFFIX
 from launch import dist
-from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
+from launch.exits import EXIT_OK, EXIT_PREEMPTED, exit_process
 from launch.files import atomic_write, write_json_atomic
 
 SWEEP_SAMPLES = 10_000  # FID-10K per point, the usual budget of a guidance sweep
@@ -234,25 +231,15 @@ def draw(rows: list[dict[str, Any]], out: Path, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag exits 2 here (argparse)
-    try:
-        points = plan_points(args)
-    except (*sample_ddp.BAD_INPUT_ERRORS, SweepError) as exc:
-        if dist.is_main():
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    sweep_dir = Path(args.sweep_dir or points[0].cfg.sample_dir)
-    try:
-        with cli_warnings():
-            code = run_sweep(points, sweep_dir, not args.no_plot)
-    except sample_ddp.BAD_INPUT_ERRORS as exc:
-        sample_ddp.exit_bad_input(exc)
-    dist.barrier()
-    dist.shutdown()
-    return code
+
+    def sweep(points: list[Point]) -> int:
+        code = run_sweep(points, Path(args.sweep_dir or points[0].cfg.sample_dir), not args.no_plot)
+        dist.barrier()
+        dist.shutdown()
+        return code
+
+    return sample_ddp.run_command(lambda: plan_points(args), sweep, (SweepError,))
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: a process-group thread destroyed late can abort a finished rank
+    exit_process(main())

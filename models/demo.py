@@ -42,14 +42,8 @@ def untrained_dit(
         for p in net.parameters():
             if p.requires_grad and not p.any():
                 p.normal_(0.0, PERTURB_STD)
-    config = dict(
-        model=model,
-        input_size=input_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        learn_sigma=learn_sigma,
-        **dims,
-    )
+    config = {"model": model, "input_size": input_size, "in_channels": in_channels, "num_classes": num_classes,
+              "learn_sigma": learn_sigma, **dims}
     return net, config
 
 

@@ -137,20 +137,11 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no file: one TrainError line per problem."""
-    choices = dict(
-        dataset=DATASETS,
-        vae=CODEC_CHOICES,
-        prediction=PREDICTIONS,
-        noise_schedule=SCHEDULES,
-        loss_weighting=WEIGHTINGS,
-        timestep_sampler=TIMESTEP_SAMPLERS,
-        precision=PRECISIONS,
-    )
+    choices = {"dataset": DATASETS, "vae": CODEC_CHOICES, "prediction": PREDICTIONS, "noise_schedule": SCHEDULES,
+               "loss_weighting": WEIGHTINGS, "timestep_sampler": TIMESTEP_SAMPLERS, "precision": PRECISIONS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise TrainError(
-                f"--{name.replace('_', '-')} {getattr(cfg, name)} is not one of {', '.join(allowed)}"
-            )
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if cfg.image_channels not in (1, 3):
         raise TrainError(f"--image-channels must be 1 or 3, got {cfg.image_channels}")
     if cfg.image_channels != 3 and cfg.vae != CODEC_NONE:

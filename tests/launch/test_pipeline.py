@@ -12,6 +12,7 @@ from conftest import EVAL_IMAGES, sampler_args
 from PIL import Image
 
 from launch import pipeline
+from launch.exits import EXIT_BAD_INPUT
 
 ADM_LINES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
              "recall": "Recall"}
@@ -56,6 +57,6 @@ def test_bad_input_fails_in_one_line_before_any_sampling(extra, message, tiny_ck
     argv = [a.format(tmp=tmp_path, ref=ref_npz) for a in extra]
     code = pipeline.main([*sampler_args(tiny_ckpt, sample_dir, n=4), *argv])
     err = capsys.readouterr().err.strip()
-    assert code == pipeline.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert err.startswith("error: ") and "\n" not in err and message in err
     assert not sample_dir.exists()
