@@ -67,6 +67,21 @@ def test_one_process_other_batch_size_gives_identical_images(reference_run, samp
     assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
+def test_stochastic_solver_does_not_depend_on_processes_or_batch(sampler, tmp_path):
+    """dpm++2m-sde draws a fresh normal at every step from each sample's own stream: 2 processes with batches
+    of 3 and 1 process with a batch of 5 give the same images; the manifest records its NFE and the name has it."""
+    runs = []
+    for procs, batch in ((2, 3), (1, 5)):
+        out = tmp_path / f"p{procs}"
+        result = sampler.run(procs, sampler.pixel_args(out, 7, batch, "--sampler", "dpm++2m-sde", steps=6))
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs.append(np.load(npz_of(out)))
+    assert np.array_equal(runs[0]["arr_0"], runs[1]["arr_0"]) and np.array_equal(runs[0]["arr_1"], runs[1]["arr_1"])
+    run_dir = run_dir_of(tmp_path / "p1")
+    assert run_dir.name.endswith("-dpm++2m-sde-6")
+    assert json.loads((run_dir / "manifest.json").read_text())["sampler"]["nfe"] == 6
+
+
 def _worker_pids(parent: int) -> list[int]:
     """Processes whose parent is `parent` (torchrun's workers)."""
     pids = []
