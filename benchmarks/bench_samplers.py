@@ -1,7 +1,7 @@
 """Samplers against model evaluations (NFE) on the demo model: solver error and FID of 1,000 digits.
 
     python benchmarks/bench_samplers.py --ckpt models/assets/digits-dit.pt --ref demo_out/digits-ref.npz \
-        --json docs/bench_samplers.json --plot docs/sampler_solver_error.png
+        --json benchmarks/results/samplers.json --plot benchmarks/results/solver-error.png
     python benchmarks/bench_samplers.py --part fid --runs ddim:25 --num-samples 500 \
         --ckpt run/checkpoints/0004000.pt run/checkpoints/0005000.pt --ref demo_out/digits-ref.npz   # checkpoints
 
@@ -10,13 +10,16 @@ One process: the model is loaded once (per --ckpt), Inception once, the referenc
 (a) `error`: 64 fixed x_T (sample i's generator seeded as sample_ddp.py seeds index i of global seed 0,
     balanced labels), the guided probability-flow ODE (cfg --cfg-scale on all channels, no x_0 clipping)
     solved by each deterministic sampler at NFE 5..100. Solver error: RMS distance of the result to the
-    same ODE solved by DPM-Solver++(2M) with --reference-steps steps (999: at most T - 1 for a multistep
-    solver), in model units ([-1, 1] = 2 x 127.5 grey levels). The reference's own error is estimated by
+    same ODE solved by DPM-Solver++(2M) with --reference-steps steps, in model units ([-1, 1] = 2 x 127.5
+    grey levels), over all samples and for the median sample (one sample whose trajectory ends in another
+    mode can dominate the pooled number). The reference's own error is estimated by
     the same solver at --check-steps steps and, independently, by ADM's DDIM at all 1,000 training steps.
 (b) `fid`: --num-samples images per run drawn exactly as README command 1 draws them (sample_ddp.py:
     balanced labels of global seed 0, per-sample generators, clipped x_0, guidance on all channels), scored
     with FID/sFID/precision/recall against --ref, and the share an RBF SVM fitted on the real digits labels
     as the requested class. Seconds: the sampling loop only (model + sampler), per 1,000 images.
+(c) `speed`: the sampling loop of each run again, alone, on --speed-samples images: the seconds per 1,000
+    images that the table shows (the FID part's own timing shares the cores with Inception and other load).
 
 Runs are `sampler:NFE` (Heun: the step count whose NFE 2 x steps - 1 is the largest not above NFE).
 """
@@ -51,7 +54,7 @@ from models.checkpoints import build_model
 from models.data import DIGITS_NUM_CLASSES, DIGITS_SIZE, digits_classifier, digits_features
 from models.vae import PixelCodec
 
-PARTS = ("error", "fid")
+PARTS = ("error", "fid", "speed")
 DETERMINISTIC = (DDIM, DPMPP_2M, UNIPC, EULER, HEUN)
 ERROR_NFE = (5, 10, 15, 25, 50, 100)
 FID_RUNS = (
@@ -121,6 +124,11 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.sqrt(torch.mean((a.double() - b.double()) ** 2)))
 
 
+def per_sample_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B] RMS distance of each sample: the pooled RMS is dominated by any sample whose trajectory changes mode."""
+    return ((a.double() - b.double()) ** 2).flatten(1).mean(1).sqrt()
+
+
 def solver_error(demo: Demo, args: argparse.Namespace) -> dict[str, Any]:
     """Part (a): each deterministic sampler's RMS distance to the converged ODE solution, per NFE."""
     n = args.error_samples
@@ -139,7 +147,9 @@ def solver_error(demo: Demo, args: argparse.Namespace) -> dict[str, Any]:
     for name in DETERMINISTIC:
         for target in args.error_nfe:
             x0, nfe, seconds = solve(name, steps_for_nfe(name, target))
-            rows.append({"sampler": name, "nfe": nfe, "rms": rms(x0, reference), "seconds": round(seconds, 2)})
+            each = per_sample_rms(x0, reference)
+            rows.append({"sampler": name, "nfe": nfe, "rms": rms(x0, reference), "median_rms": float(each.median()),
+                         "max_rms": float(each.max()), "seconds": round(seconds, 2)})
             print(json.dumps({"part": "error", **rows[-1]}), flush=True)
     return {"samples": n, "reference": f"{REFERENCE_SAMPLER} {args.reference_steps} steps",
             "reference_seconds": round(ref_seconds, 1),
@@ -187,23 +197,44 @@ def fid_runs(demo: Demo, scorer: Scorer, args: argparse.Namespace) -> list[dict[
 
 
 def plot_error(error: dict[str, Any], out: Path) -> None:
-    """Solver error against NFE, log-log, one line per sampler."""
+    """Solver error against NFE, log-log, one line per sampler: pooled RMS and the median sample's RMS."""
     import matplotlib  # only this output needs it (not a dependency of the package)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for name in DETERMINISTIC:
-        rows = [r for r in error["rows"] if r["sampler"] == name]
-        ax.plot([r["nfe"] for r in rows], [r["rms"] for r in rows], marker="o", label=name)
-    ax.axhline(error["reference_check"]["rms"], color="grey", linestyle=":", label="reference's own error (est.)")
-    ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)",
-           ylabel="RMS distance to converged ODE solution", title="Solver error, demo digits model, cfg 1.5")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for ax, key, what in zip(axes, ("rms", "median_rms"), ("RMS over all samples", "median sample's RMS")):
+        for name in DETERMINISTIC:
+            rows = [r for r in error["rows"] if r["sampler"] == name]
+            ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+        ax.axhline(error["reference_check"][f"{DDIM}_{DDIM_ALL_STEPS}_rms"], color="grey", linestyle=":",
+                   label=f"reference vs DDIM {DDIM_ALL_STEPS} steps")
+        ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)",
+               ylabel=f"distance to converged ODE solution ({what})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Solver error, demo digits model, cfg {error.get('cfg_scale', 1.5)}, {error['samples']} x_T")
     fig.tight_layout()
     fig.savefig(out)
+
+
+def speed_runs(demo: Demo, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Part (c): seconds per 1,000 images of each run's sampling alone (no Inception in between), on
+    --speed-samples images, so that the timing is not the FID part's, which shares the cores with Inception."""
+    n = args.speed_samples
+    labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
+    rows = []
+    for run in args.runs:
+        name, target = parse_run(run)
+        sampler = make_sampler(demo, name, steps_for_nfe(name, target))
+        start = time.perf_counter()
+        draw(demo, sampler, n, labels, args.batch_size, clip=True)
+        seconds = time.perf_counter() - start
+        rows.append({"sampler": name, "steps": sampler.steps, "nfe": sampler.nfe,
+                     "s_per_1000": round(seconds * PER_THOUSAND / n, 1)})
+        print(json.dumps({"part": "speed", **rows[-1]}), flush=True)
+    return rows
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -214,15 +245,16 @@ def markdown(result: dict[str, Any]) -> str:
         nfes = sorted({r["nfe"] for r in error["rows"]})
         lines += ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
         for name in DETERMINISTIC:
-            cells = {r["nfe"]: f"{r['rms']:.2e}" for r in error["rows"] if r["sampler"] == name}
+            cells = {r["nfe"]: f"{r['rms']:.2e} / {r['median_rms']:.2e}" for r in error["rows"] if r["sampler"] == name}
             lines.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in nfes) + " |")
         lines.append("")
     if "fid" in result:
+        speed = {(r["sampler"], r["steps"]): r["s_per_1000"] for r in result.get("speed", [])}
         lines += ["| checkpoint | sampler | steps | NFE | FID | sFID | precision | recall | class acc. | s / 1,000 |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {Path(r['ckpt']).name} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | "
                   f"{r['sfid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.1%} | "
-                  f"{r['s_per_1000']} |" for r in result["fid"]]
+                  f"{speed.get((r['sampler'], r['steps']), r['s_per_1000'])} |" for r in result["fid"]]
     return "\n".join(lines)
 
 
@@ -241,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-steps", type=int, default=500, help="the same solver again, to estimate its error")
     p.add_argument("--num-samples", type=int, default=1000, help="images per FID run")
     p.add_argument("--runs", nargs="+", default=list(FID_RUNS), help="sampler:NFE")
+    p.add_argument("--speed-samples", type=int, default=200, help="images per run of the speed part")
     p.add_argument("--inception-batch", type=int, default=64)
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     p.add_argument("--plot", type=Path, default=None, help="solver error PNG (needs matplotlib)")
@@ -256,12 +289,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                               "cfg_scale": args.cfg_scale}
     start = time.perf_counter()
     if "error" in args.part:
-        result["error"] = solver_error(load_demo(args.ckpt[0], args.cfg_scale), args)
+        result["error"] = {**solver_error(load_demo(args.ckpt[0], args.cfg_scale), args), "cfg_scale": args.cfg_scale}
         if args.plot:
             plot_error(result["error"], args.plot)
     if "fid" in args.part:
         scorer = Scorer(args.ref, args.inception_batch)
         result["fid"] = [row for ckpt in args.ckpt for row in fid_runs(load_demo(ckpt, args.cfg_scale), scorer, args)]
+    if "speed" in args.part:
+        result["speed"] = speed_runs(load_demo(args.ckpt[0], args.cfg_scale), args)
     result["machine"]["load_average_end"] = os.getloadavg()
     result["seconds"] = math.ceil(time.perf_counter() - start)
     print(markdown(result))
