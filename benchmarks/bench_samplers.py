@@ -211,7 +211,7 @@ def plot_error(error: dict[str, Any], out: Path) -> None:
         ax.axhline(error["reference_check"][f"{DDIM}_{DDIM_ALL_STEPS}_rms"], color="grey", linestyle=":",
                    label=f"reference vs DDIM {DDIM_ALL_STEPS} steps")
         ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)",
-               ylabel=f"distance to converged ODE solution ({what})")
+               ylabel="RMS distance to the converged ODE solution", title=what)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Solver error, demo digits model, cfg {error.get('cfg_scale', 1.5)}, {error['samples']} x_T")
