@@ -85,6 +85,20 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     return out
 
 
+def worker_pids(parent: int) -> list[int]:
+    """Processes whose parent is `parent` (torchrun's workers), sorted."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
 class Sampler:
     """What the tests need to drive sample_ddp.py (exposed as the `sampler` fixture)."""
 
@@ -92,6 +106,7 @@ class Sampler:
     run = staticmethod(run_sampler)
     start = staticmethod(start_sampler)
     wait_for_files = staticmethod(wait_for_files)
+    worker_pids = staticmethod(worker_pids)
 
     def __init__(self, pixel_ckpt: Path):
         self.pixel_ckpt = pixel_ckpt

@@ -138,25 +138,12 @@ def test_two_ranks_with_pngs_give_the_same_images_and_metrics(png_run, npz_run):
     assert metrics_of(png_run)["world_size"] == 2
 
 
-def _worker_pids(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                pids.append(int(entry.name))
-    return sorted(pids)
-
-
 def test_sigkill_of_a_rank_then_resume_gives_the_uninterrupted_metrics(sampler, files, png_run, npz_run, tmp_path):
     args = sampler.pixel_args(tmp_path, N, 2, "--save", "npz", *eval_args(files), steps=STEPS)
     proc = sampler.start(2, args)
     try:
         sampler.wait_for_files(tmp_path, "*/features-*/*.npz", 1)
-        workers = _worker_pids(proc.pid)
+        workers = sampler.worker_pids(proc.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         proc.communicate(timeout=60)

@@ -143,14 +143,12 @@ def test_sigterm_and_sigint_stop_resumably_with_exit_3(sampler, tmp_path, sig):
 
 
 def test_a_stopped_rank_is_named_by_the_survivor(sampler, tmp_path):
-    from test_sample_ddp import _worker_pids
-
     args = [*sampler.pixel_args(tmp_path, 16, 2, steps=STEPS), "--dist-timeout", "5"]
     proc = sampler.start(2, args)
     workers = []
     try:
         sampler.wait_for_files(tmp_path, "*/[0-9]*.png", 2)
-        workers = sorted(_worker_pids(proc.pid))
+        workers = sampler.worker_pids(proc.pid)
         os.kill(workers[1], signal.SIGSTOP)
         deadline = time.time() + 60
         while Path(f"/proc/{workers[0]}").exists() and time.time() < deadline:  # the survivor gives up

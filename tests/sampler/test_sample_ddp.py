@@ -82,26 +82,12 @@ def test_stochastic_solver_does_not_depend_on_processes_or_batch(sampler, tmp_pa
     assert json.loads((run_dir / "manifest.json").read_text())["sampler"]["nfe"] == 6
 
 
-def _worker_pids(parent: int) -> list[int]:
-    """Processes whose parent is `parent` (torchrun's workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                pids.append(int(entry.name))
-    return sorted(pids)
-
-
 def test_sigkill_of_one_rank_ends_the_job_fast_and_resume_is_bitwise_identical(reference_run, sampler, tmp_path):
     args = sampler.pixel_args(tmp_path, N, 3, "--label-sampling", "balanced", steps=STEPS)
     proc = sampler.start(2, args)
     try:
         sampler.wait_for_files(tmp_path, "*/[0-9]*.png", 2)
-        workers = _worker_pids(proc.pid)
+        workers = sampler.worker_pids(proc.pid)
         assert len(workers) == 2
         killed_at = time.time()
         os.kill(workers[1], signal.SIGKILL)
