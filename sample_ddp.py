@@ -766,11 +766,13 @@ BAD_INPUT_ERRORS = (ConfigError, CheckpointError, CodecError, rundir.RunDirError
                     dist.DistConfigError, EvaluationError, InceptionWeightsError, DivergedError)
 
 
-def run_command(prepare: Callable[[], T], body: Callable[[T], int],
+def run_sampling_command(prepare: Callable[[], T], body: Callable[[T], int],
                 errors: tuple[type[BaseException], ...] = ()) -> int:
     """A sampling command's two phases: `prepare` (the checks that need no model; bad input, including one of
     `errors`, is one line from rank 0 and exit 2 before any work), then `body` under `cli_warnings` (bad input
-    found later, on any rank: `exit_bad_input`)."""
+    found later, on any rank: `exit_bad_input`, which leaves at once because the other ranks may be waiting in
+    a collective). The evaluation CLIs use `evaluation.cli.run_command`: their errors come before any
+    collective, so they return and leave the process group normally."""
     try:
         prepared = prepare()
     except (*BAD_INPUT_ERRORS, *errors) as exc:
@@ -786,7 +788,7 @@ def run_command(prepare: Callable[[], T], body: Callable[[T], int],
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag exits 2 here (argparse)
-    return run_command(lambda: config_from_args(args), run)
+    return run_sampling_command(lambda: config_from_args(args), run)
 
 
 def exit_bad_input(exc: Exception) -> None:

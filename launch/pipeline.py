@@ -50,7 +50,7 @@ def _prepare(args: argparse.Namespace) -> sample_ddp.SampleConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag exits 2 here (argparse)
-    return sample_ddp.run_command(lambda: _prepare(args), sample_ddp.run, (PipelineError,))
+    return sample_ddp.run_sampling_command(lambda: _prepare(args), sample_ddp.run, (PipelineError,))
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.shutdown()
         return code
 
-    return sample_ddp.run_command(lambda: plan_points(args), sweep, (SweepError,))
+    return sample_ddp.run_sampling_command(lambda: plan_points(args), sweep, (SweepError,))
 
 
 if __name__ == "__main__":
