@@ -8,7 +8,7 @@ With --ref, every decoded batch also goes through the evaluator's Inception on t
 features are stored beside the images and `<run>.metrics.json` holds the evaluator's report at the end.
 
 Sample i's class label, initial noise and every step's noise come from its own generator,
-seeded with global_seed * 2**32 + i, so the images do not depend on the number of processes,
+seeded with global_seed * 2**21 + i, so the images do not depend on the number of processes,
 the batch size or interruptions. Rerunning the same command resumes; see docs and --help.
 """
 
@@ -35,7 +35,15 @@ from tqdm import tqdm
 
 from diffusion import DEFAULT_DIFFUSION_STEPS, DiffusionError
 from diffusion.guidance import CHANNEL_MODES, guided_model
-from diffusion.rng import LABEL_RULES, LABEL_SAMPLING, MAX_GLOBAL_SEED, SEED_RULE, SampleNoise, class_labels
+from diffusion.rng import (
+    LABEL_RULES,
+    LABEL_SAMPLING,
+    MAX_GLOBAL_SEED,
+    MAX_SAMPLES_PER_SEED,
+    SEED_RULE,
+    SampleNoise,
+    class_labels,
+)
 from diffusion.samplers import DDIM, SAMPLER_NAMES, Sampler
 from evaluation.batches import BatchError, PngWriter, index_filename, pack_folder, png_is_valid, read_pngs
 from evaluation.cli import HelpFormatter, cli_warnings
@@ -81,9 +89,9 @@ OFFICIAL_SIZES = (256, 512)
 OFFICIAL_NUM_CLASSES = 1000
 GRID_SIZE = 64
 SD_VAE_DOWNSAMPLE = 8  # sd-vae-ft latents are 1/8 of the image (a --vae-path VAE is checked when loaded)
-# One PNG per image in one folder, every label in the manifest, and a resume scan that opens every file:
-# beyond this a run is better split over --global-seed values (and planning it would take minutes).
-MAX_NUM_SAMPLES = 10_000_000
+# The seed rule gives each global seed 2**21 indices (2,097,152 images, more than ImageNet); a larger set is
+# split over --global-seed values, whose streams never overlap.
+MAX_NUM_SAMPLES = MAX_SAMPLES_PER_SEED
 T = TypeVar("T")
 VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
 SAVE_PNG, SAVE_NPZ, SAVE_NONE = "png", "npz", "none"
@@ -195,7 +203,8 @@ def build_parser(require_ref: bool = False, **parser_args: str) -> argparse.Argu
     add("--num-classes", type=int, default=d.num_classes, help="classes; the null label is this index")
     add("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale (1 = off)")
     add("--num-sampling-steps", type=int, default=d.num_sampling_steps, help="sampler steps (respaced from 1000)")
-    add("--global-seed", type=int, default=d.global_seed, help="seed of sample i is global_seed * 2**32 + i")
+    add("--global-seed", type=int, default=d.global_seed,
+        help=f"0..{MAX_GLOBAL_SEED}; sample i is seeded with global_seed * 2**21 + i")
     add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
     add("--ckpt", default=d.ckpt, help="DiT checkpoint (.pt/.safetensors); default: official DiT-XL/2 download")
     add("--allow-pickle", action="store_true", help="load checkpoints that need full unpickling (trusted only)")

@@ -48,7 +48,6 @@ from models.vae import CODEC_CHOICES, CodecError, PixelCodec, load_codec
 GRID_PER_CLASS = 4  # sample grid: up to GRID_PER_CLASS images of each of the first GRID_MAX_CLASSES classes
 GRID_MAX_CLASSES = 16
 GRID_SEED = 0  # fixed noise for the grids, so that successive grids show the same samples improving
-RNG_RULE = "torch.manual_seed(global_seed * 2**32 + micro_batch * world_size + rank)"  # stored in checkpoints
 MIN_ELAPSED_S = 1e-9
 CONFIG_NAME = "config.json"  # in --results-dir, beside log.txt, checkpoints/ and samples/
 LOG_NAME = "log.txt"
@@ -341,7 +340,7 @@ def build_state(
     The order matters: `Optimizer.load_state_dict` puts each state tensor (exp_avg, exp_avg_sq) on its
     parameter's device and dtype, so the parameters must already be where they train.
     """
-    T.seed_everything(T.init_seed(cfg.global_seed))  # the same initial weights on every rank and every run
+    T.seed_everything(T.init_key(cfg.global_seed))  # the same initial weights on every rank and every run
     model, arch = build_networks(cfg, train_data.in_channels, train_data.input_size, train_data.num_classes)
     model = to_device(model, device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -457,7 +456,7 @@ class Trainer:
         x, y = next(self.batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         index = self.state.step * cfg.grad_accum + micro
-        T.seed_everything(T.micro_batch_seed(cfg.global_seed, index, info.rank, info.world_size))
+        T.seed_everything(T.micro_batch_key(cfg.global_seed, index, info.rank, info.world_size))
         if self.data.encode_online:
             x = self.data.codec.encode(x)
         t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
@@ -524,7 +523,7 @@ class Trainer:
                 "config": state.config,
                 "step": state.step,
                 "class_to_idx": self.data.class_to_idx,
-                "rng": {"global_seed": self.cfg.global_seed, "rule": RNG_RULE},
+                "rng": {"global_seed": self.cfg.global_seed, "rule": T.RNG_RULE},
                 "timestep_sampler": state.t_sampler.state_dict(),
             }
             path = T.save_checkpoint(payload, T.checkpoint_path(self.results, state.step))
