@@ -66,9 +66,9 @@ from evaluation.shards import (
     plan_resume,
     scan_features,
 )
-from launch import dist, preempt, rundir, shard
-from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, exit_process
-from launch.files import (
+from launch.runtime import dist, partition, preempt, rundir
+from launch.runtime.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, exit_process
+from launch.runtime.files import (
     FileWriteError,
     atomic_write,
     available_cpus,
@@ -541,12 +541,12 @@ class RunOutputs:
             return
         start = time.perf_counter()
         kinds = self.evaluation.extractor.feature_dims
-        for indices, rows in load_features(shard.split_evenly(plan.feature_blocks, info.world_size, info.rank), kinds):
+        for indices, rows in load_features(partition.split_evenly(plan.feature_blocks, info.world_size, info.rank), kinds):
             self.accumulator.add_features({k: torch.from_numpy(v) for k, v in rows.items()}, indices)
         self.seconds += time.perf_counter() - start
-        mine = shard.split_evenly(plan.to_extract, info.world_size, info.rank)
+        mine = partition.split_evenly(plan.to_extract, info.world_size, info.rank)
         shards = ImageShards.scan(self.cfg.run_dir, self.cfg.num_fid_samples, self.cfg.image_size) if mine else None
-        for batch in shard.batches(mine, self.cfg.per_proc_batch_size):
+        for batch in partition.batches(mine, self.cfg.per_proc_batch_size):
             features = self._features(torch.from_numpy(self._read(batch, shards)), batch)
             self.blocks.add(batch, None, features)
         self.blocks.flush()
@@ -609,7 +609,7 @@ def sample_missing(cfg: SampleConfig, info: dist.DistInfo, network: tuple, label
     bar = tqdm(total=N, initial=N - len(missing), unit="img", disable=not info.is_main, dynamic_ncols=True,
                desc="sampling")
     try:
-        for batch in shard.rank_batches(missing, info.world_size, info.rank, cfg.per_proc_batch_size):
+        for batch in partition.rank_batches(missing, info.world_size, info.rank, cfg.per_proc_batch_size):
             if batch:
                 rows = _padded(batch, cfg.per_proc_batch_size)
                 noise = SampleNoise.for_samples(cfg.global_seed, rows, cfg.num_classes)

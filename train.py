@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from diffusion import create_diffusion, guided_model
 from diffusion.rng import SampleNoise, sample_seed
 from diffusion.timestep_sampler import ScheduleSampler, create_named_schedule_sampler
-from launch import dist
-from launch.exits import EXIT_BAD_INPUT
-from launch.files import FileWriteError, atomic_write, os_reason
+from launch.runtime import dist
+from launch.runtime.errors import EXIT_BAD_INPUT
+from launch.runtime.files import FileWriteError, atomic_write, os_reason
 from models import data
 from models import training as T
 from models.checkpoints import CheckpointError

@@ -21,8 +21,8 @@ from types import TracebackType
 import numpy as np
 from PIL import Image
 
-from launch.files import FileWriteError, atomic_write, available_cpus, read_json, temp_path
-from launch.rundir import GRID_NAME, MANIFEST_NAME
+from launch.runtime.files import FileWriteError, atomic_write, available_cpus, read_json, temp_path
+from launch.runtime.rundir import GRID_NAME, MANIFEST_NAME
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"

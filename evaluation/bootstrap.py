@@ -24,8 +24,8 @@ from evaluation.frechet import frechet_distance
 from evaluation.metrics import FRECHET_FEATURES, JSON_KEYS, METRIC_IS, PRINT_NAMES, STD_SUFFIX
 from evaluation.reference_cache import Reference
 from evaluation.statistics import IS_SPLIT_SIZE, FeatureStats, FewSamplesWarning, InceptionScoreSums
-from launch import dist
-from launch.shard import share_bounds
+from launch.runtime import dist
+from launch.runtime.partition import share_bounds
 
 BOOTSTRAP_DDOF = 1
 

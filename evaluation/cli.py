@@ -15,9 +15,9 @@ import torch
 from evaluation.batches import BatchError
 from evaluation.errors import EvaluationError
 from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, InceptionWeightsError, resolve_weights
-from launch import dist
-from launch.exits import EXIT_BAD_INPUT
-from launch.files import FileWriteError, os_reason, temp_path
+from launch.runtime import dist
+from launch.runtime.errors import EXIT_BAD_INPUT
+from launch.runtime.files import FileWriteError, os_reason, temp_path
 
 CLI_ERRORS = (BatchError, InceptionWeightsError, EvaluationError, FileWriteError)  # bad input: one line, exit 2
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"

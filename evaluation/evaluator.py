@@ -27,8 +27,8 @@ from evaluation.inputs import check_inputs, open_checked
 from evaluation.metrics import METRIC_IS, METRICS, format_report, format_spread, parse_metrics
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from evaluation.report import evaluate, evaluate_inputs
-from launch import dist
-from launch.files import atomic_write
+from launch.runtime import dist
+from launch.runtime.files import atomic_write
 
 # The library entry points, importable from here as before (launch.pipeline uses some of them).
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CACHE_DIR", "METRICS", "EvaluationError", "build_parser", "evaluate",

@@ -26,10 +26,10 @@ from evaluation.errors import EvaluationError
 from evaluation.features import POOL, FeatureAccumulator, FeatureExtractor, extract_chunks
 from evaluation.reference_cache import DEFAULT_CACHE_DIR, cache_reference, reference_stats
 from evaluation.statistics import MIN_COV_IMAGES
-from launch import dist
-from launch.files import available_cpus
-from launch.images import center_crop
-from launch.shard import share_bounds
+from launch.runtime import dist
+from launch.runtime.files import available_cpus
+from launch.runtime.images import center_crop
+from launch.runtime.partition import share_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_recursively
 DEFAULT_NUM_IMAGES = 10_000  # ADM's ImageNet reference batches hold 10k images in arr_0

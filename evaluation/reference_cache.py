@@ -24,8 +24,8 @@ from evaluation.features import POOL, BatchFeatures, FeatureAccumulator, Feature
 from evaluation.inception import InceptionWeights
 from evaluation.inputs import CheckedBatch, Gaussian
 from evaluation.metrics import FRECHET_FEATURES, MANIFOLD_METRICS
-from launch import dist
-from launch.files import FileWriteError, atomic_write
+from launch.runtime import dist
+from launch.runtime.files import FileWriteError, atomic_write
 
 CACHE_VERSION = 1  # bump when extraction changes what a cached reference holds
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dit-fid" / "reference"

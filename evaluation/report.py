@@ -44,7 +44,7 @@ from evaluation.metrics import (
 )
 from evaluation.precision_recall import precision_recall
 from evaluation.reference_cache import COMPUTED, DEFAULT_CACHE_DIR, GIVEN, Reference, load_reference
-from launch import dist
+from launch.runtime import dist
 
 BatchInput = str | os.PathLike | ImageBatch
 STATS_LABELS = {POOL: "sample pool_3", SPATIAL: "sample spatial"}

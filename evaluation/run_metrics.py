@@ -29,7 +29,7 @@ from evaluation.reference_cache import Reference, load_reference
 from evaluation.report import report_metrics, run_facts, sample_accumulator
 from evaluation.shards import weights_id
 from evaluation.statistics import MIN_COV_IMAGES
-from launch import dist
+from launch.runtime import dist
 
 SAMPLES_FLAG = "--num-fid-samples"
 

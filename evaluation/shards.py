@@ -23,7 +23,7 @@ import torch
 
 from evaluation.batches import IMAGES_KEY, LABELS_KEY, NPY_SUFFIX, RGB_CHANNELS, BatchError, NpzBatch, NpzWriter
 from evaluation.inception import InceptionWeights
-from launch.files import atomic_write, file_sha256
+from launch.runtime.files import atomic_write, file_sha256
 
 IMAGES_DIR = "images"
 FEATURES_PREFIX = "features-"

@@ -17,7 +17,7 @@ import argparse
 from collections.abc import Sequence
 
 import sample_ddp
-from launch.exits import exit_process
+from launch.runtime.errors import exit_process
 
 EXAMPLES = """examples:
   torchrun --standalone --nproc_per_node=8 -m launch.pipeline --ref VIRTUAL_imagenet256_labeled.npz \\

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.inception import TORCH_FIDELITY_URL, TORCH_FIDELITY_WEIGHTS, InceptionWeightsError, resolve_weights
-from launch.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
-from launch.files import (
+from launch.runtime.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from launch.runtime.files import (
     DownloadError,
     FileWriteError,
     download,

@@ -27,9 +27,9 @@ from typing import Any
 import sample_ddp
 from diffusion.rng import class_labels
 from evaluation.metrics import JSON_KEYS, METRICS, STD_SUFFIX
-from launch import dist
-from launch.exits import EXIT_OK, EXIT_PREEMPTED, exit_process
-from launch.files import atomic_write, write_json_atomic
+from launch.runtime import dist
+from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED, exit_process
+from launch.runtime.files import atomic_write, write_json_atomic
 
 SWEEP_SAMPLES = 10_000  # FID-10K per point, the usual budget of a guidance sweep
 NO_INTERVAL = "none"

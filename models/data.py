@@ -29,10 +29,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion.rng import STREAM_DATA_FLIP, STREAM_DATA_ORDER, STREAM_LATENT_CHUNK, keyed_generator, stream_key
-from launch.exits import EXIT_OK, exit_code_of
-from launch.files import FileWriteError, atomic_write
-from launch.images import center_crop
-from launch.shard import share_bounds
+from launch.runtime.errors import EXIT_OK, exit_code_of
+from launch.runtime.files import FileWriteError, atomic_write
+from launch.runtime.images import center_crop
+from launch.runtime.partition import share_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 DIGITS_SOURCE_SIZE = 8  # sklearn digits are 8x8

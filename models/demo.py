@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from launch.exits import EXIT_BAD_INPUT
-from launch.files import FileWriteError, atomic_write
+from launch.runtime.errors import EXIT_BAD_INPUT
+from launch.runtime.files import FileWriteError, atomic_write
 from models.checkpoints import CUSTOM_MODEL
 from models.dit import DIT_CONFIGS, DiT
 

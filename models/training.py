@@ -31,8 +31,8 @@ from torch import nn
 from diffusion import DiffusionError, LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.rng import STREAM_TRAIN_INIT, STREAM_TRAIN_MICRO_BATCH, seed_global_generators, stream_key
-from launch.exits import EXIT_OK, exit_code_of
-from launch.files import FileWriteError, available_cpus, os_reason
+from launch.runtime.errors import EXIT_OK, exit_code_of
+from launch.runtime.files import FileWriteError, available_cpus, os_reason
 from models.data import save_torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from launch.files import env_true, hf_hub_cache
+from launch.runtime.files import env_true, hf_hub_cache
 
 VAE_SCALE_FACTOR = 0.18215  # latent scaling of the SD VAE (Rombach et al. 2022), as used by DiT
 VAE_REPOS: dict[str, str] = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}

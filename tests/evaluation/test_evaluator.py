@@ -30,7 +30,7 @@ from evaluation.inception import InceptionExtractor
 from evaluation.inputs import check_batch
 from evaluation.reference_cache import load_reference
 from evaluation.statistics import InceptionScoreSums
-from launch import dist
+from launch.runtime import dist
 
 ADM_LINES = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 

@@ -15,7 +15,7 @@ from evaluation.batches import open_batch
 from evaluation.inception import InceptionExtractor
 from evaluation.reference import main
 from evaluation.reference_batch import build_reference, choose_subset
-from launch.images import center_crop
+from launch.runtime.images import center_crop
 
 SIZE = 16
 # (width, height): tall, wide, exactly the target, a BOX halving twice (short side 70 -> 35 -> 17.5 ... )

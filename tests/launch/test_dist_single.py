@@ -1,10 +1,10 @@
-"""launch.dist at world size 1 (no torchrun): every helper works without a process group."""
+"""launch.runtime.dist at world size 1 (no torchrun): every helper works without a process group."""
 
 from __future__ import annotations
 
 import torch
 
-from launch import dist
+from launch.runtime import dist
 
 
 def test_world_size_one_helpers(monkeypatch):

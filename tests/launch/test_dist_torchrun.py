@@ -1,4 +1,4 @@
-"""launch.dist under torchrun with 2 gloo processes."""
+"""launch.runtime.dist under torchrun with 2 gloo processes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent('''
     import json, sys, torch
-    from launch import dist
+    from launch.runtime import dist
 
     info = dist.init(timeout_s=60)
     out = {"rank": info.rank, "world": info.world_size}

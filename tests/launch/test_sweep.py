@@ -20,8 +20,9 @@ import sample_ddp
 from evaluation import run_metrics
 from evaluation.inception import InceptionWeights
 from evaluation.report import evaluate
-from launch import preempt, sweep
-from launch.exits import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
+from launch import sweep
+from launch.runtime import preempt
+from launch.runtime.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
 
 N = 8
 STEPS = 5

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.exits import EXIT_BAD_INPUT
+from launch.runtime.errors import EXIT_BAD_INPUT
 from models.checkpoints import CUSTOM_MODEL, build_model
 from models.demo import main
 

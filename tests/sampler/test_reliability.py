@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import sample_ddp
-from launch import dist
+from launch.runtime import dist
 
 N = 8
 STEPS = 60

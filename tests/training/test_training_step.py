@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launch.dist import DistInfo
+from launch.runtime.dist import DistInfo
 
 META = torch.device("meta")
 

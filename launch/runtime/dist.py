@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from launch.exits import EXIT_FAILED
+from launch.runtime.errors import EXIT_FAILED
 
 T = TypeVar("T")
 

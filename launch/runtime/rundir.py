@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from launch.files import os_reason, read_json, write_json_atomic
+from launch.runtime.files import os_reason, read_json, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 GRID_NAME = "grid.png"
