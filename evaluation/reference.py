@@ -10,10 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from evaluation.cli import HelpFormatter, add_network_args, check_writable, open_extractor, run_command
+from evaluation.cli import HelpFormatter, add_device_arg, add_network_args, open_extractor
 from evaluation.errors import EvaluationError
 from evaluation.reference_batch import DEFAULT_NUM_IMAGES, DEFAULT_SEED, build_reference, list_images
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
+from launch.runtime.checks import check_positive, check_writable
+from launch.runtime.command import run_command
 
 EXAMPLES = """examples:
   python -m evaluation.reference /data/imagenet/train --image-size 256 --out VIRTUAL_imagenet256.npz
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images stored in arr_0 (seeded choice; statistics always use every image)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the arr_0 choice")
     add_network_args(p)
+    add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                    help="the evaluator's reference cache, seeded when arr_0 holds every image")
@@ -42,16 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return run_command(lambda: _check(args), _run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.image_size < 1 or args.num_images < 1 or args.batch_size < 1:
-        raise EvaluationError("--image-size, --num-images and --batch-size must be positive")
+def _check(args: argparse.Namespace) -> argparse.Namespace:
+    """Every check before the network loads: counts, the output path, the images."""
+    check_positive({"--image-size": args.image_size, "--num-images": args.num_images,
+                    "--eval-batch-size": args.eval_batch_size})
     if Path(args.out).exists() and not args.overwrite:
         raise EvaluationError(f"--out {args.out} exists; pass --overwrite to rebuild it or choose another path")
     check_writable(args.out, "--out")
-    list_images(Path(args.image_dir))  # fail fast, before loading the network
+    list_images(Path(args.image_dir))
+    return args
+
+
+def _run(args: argparse.Namespace) -> int:
     extractor = open_extractor(args)
     out = build_reference(args.image_dir, args.image_size, args.out, extractor, args.num_images, args.seed,
                           cache_dir=None if args.no_cache else args.cache_dir)

@@ -84,7 +84,7 @@ def choose_subset(total: int, count: int, seed: int) -> np.ndarray:
 
 def warn_upsampled(decoder: Decoder, total: int) -> None:
     """One warning (rank 0) with the number of images, over all ranks, smaller than the target size."""
-    (count,) = dist.all_reduce_counts([float(decoder.upsampled)])
+    (count,) = dist.sum_over_ranks([float(decoder.upsampled)])
     if count and dist.is_main():
         warnings.warn(f"{int(count)} of {total} images have a short side below --image-size {decoder.size} and "
                       "were upsampled (bicubic): their statistics describe blurred images", stacklevel=2)

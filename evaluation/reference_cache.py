@@ -109,7 +109,7 @@ def load_reference(ref: CheckedBatch, metrics: Iterable[str], extractor: Feature
     if not need_features and wanted <= set(statistics):
         return Reference(num_images, statistics, None, GIVEN if statistics else COMPUTED)
     cache_file = reference_cache_file(cache_dir, batch.path, extractor.weights) if cache_dir else None
-    cached = dist.main_only(lambda: _load_cache(cache_file) if cache_file and cache_file.is_file() else None)
+    cached = dist.rank0_shares(lambda: _load_cache(cache_file) if cache_file and cache_file.is_file() else None)
     if cached is None:
         cached = _extract_reference(batch, extractor, chunk_size)
         if cache_file is not None and dist.is_main():

@@ -71,7 +71,7 @@ def report_metrics(reference: Reference, sample: BatchFeatures, metrics: Iterabl
         return frechet_distance(*mine, *reference.statistics[kind], name=PRINT_NAMES[m])
 
     # The Frechet distances are a few seconds of float64 linear algebra: rank 0 computes, all ranks receive.
-    report.update(dist.main_only(lambda: {JSON_KEYS[m]: frechet(m) for m in METRICS
+    report.update(dist.rank0_shares(lambda: {JSON_KEYS[m]: frechet(m) for m in METRICS
                                           if m in wanted and m in FRECHET_FEATURES}))
     if wanted & MANIFOLD_METRICS:
         precision, recall = precision_recall(reference.pool_features, sample.rows[POOL], device=device)

@@ -21,17 +21,24 @@ from typing import Any
 from evaluation.batches import BatchError, ImageBatch
 from evaluation.errors import EvaluationError
 from evaluation.features import FeatureAccumulator
-from evaluation.inception import FEATURE_DIMS, InceptionExtractor, resolve_weights
+from evaluation.inception import FEATURE_DIMS, InceptionExtractor, InceptionWeights, resolve_weights
 from evaluation.inputs import REFERENCE, CheckedBatch, EvaluationInputs, check_batch, check_inputs
 from evaluation.metrics import MANIFOLD_METRICS, METRIC_IS, parse_metrics
 from evaluation.precision_recall import NEAREST_K
 from evaluation.reference_cache import Reference, load_reference
 from evaluation.report import report_metrics, run_facts, sample_accumulator
-from evaluation.shards import weights_id
 from evaluation.statistics import MIN_COV_IMAGES
 from launch.runtime import dist
+from launch.runtime.files import file_sha256
 
 SAMPLES_FLAG = "--num-fid-samples"
+FEATURES_VERSION = 1  # bump when what a feature block holds changes
+WEIGHTS_ID_CHARS = 16
+
+
+def weights_id(weights: InceptionWeights) -> str:
+    """What stored features depend on: the content hash of the network's weights file (and the block format)."""
+    return f"v{FEATURES_VERSION}-{file_sha256(weights.path)[:WEIGHTS_ID_CHARS]}"
 
 
 class SampledImages(ImageBatch):
@@ -47,6 +54,9 @@ class SampledImages(ImageBatch):
 def check_reference(ref: str | os.PathLike, metrics: str) -> tuple[CheckedBatch, tuple[str, ...]]:
     """--ref opened (headers only) and checked to serve --metrics: one line naming --ref otherwise."""
     chosen = tuple(parse_metrics(metrics))
+    if Path(ref).is_dir():
+        raise EvaluationError(f"--ref {ref} is a folder; pass the reference batch file (.npz), e.g. one built by "
+                              "python -m evaluation.reference")
     if not Path(ref).is_file():
         raise EvaluationError(f"--ref {ref}: no such file; pass the reference batch (.npz) to compare with")
     try:
@@ -85,7 +95,7 @@ class RunEvaluation:
              bootstrap: int = 0, bootstrap_seed: int = 0) -> RunEvaluation:
         """Find the weights (rank 0 first: it may download), load Inception on `device`, get the reference
         statistics (a collective: from the cache, or one pass over arr_0 shared by the ranks)."""
-        weights = dist.rank0_first(lambda: resolve_weights(weights_path, allow_download=allow_download))
+        weights = dist.rank0_then_others(lambda: resolve_weights(weights_path, allow_download=allow_download))
         if METRIC_IS in metrics and not weights.has_classifier:
             if metrics == (METRIC_IS,):
                 raise EvaluationError(weights.is_unavailable_reason())
@@ -93,7 +103,7 @@ class RunEvaluation:
                 print(weights.is_unavailable_reason(), file=sys.stderr, flush=True)
         extractor = InceptionExtractor(weights, device, batch_size)
         reference = load_reference(reference_batch, metrics, extractor, cache_dir, batch_size)
-        identity = dist.main_only(lambda: weights_id(weights))
+        identity = dist.rank0_shares(lambda: weights_id(weights))
         return cls(reference_batch, metrics, extractor, reference, identity, bootstrap, bootstrap_seed)
 
     def inputs(self, run_dir: Path, num_images: int, image_size: int) -> EvaluationInputs:

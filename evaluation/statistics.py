@@ -69,7 +69,7 @@ class FeatureStats:
         device = dist.info().device
         self.total = dist.all_reduce_sum(self.total.to(device))
         self.outer = dist.all_reduce_sum(self.outer.to(device))
-        (count,) = dist.all_reduce_counts([float(self.count)])
+        (count,) = dist.sum_over_ranks([float(self.count)])
         self.count = int(round(count))
         return self
 

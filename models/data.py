@@ -29,8 +29,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion.rng import STREAM_DATA_FLIP, STREAM_DATA_ORDER, STREAM_LATENT_CHUNK, keyed_generator, stream_key
-from launch.runtime.errors import EXIT_OK, exit_code_of
-from launch.runtime.files import FileWriteError, atomic_write
+from launch.runtime.command import run_command
+from launch.runtime.errors import EXIT_OK, UserError
+from launch.runtime.files import atomic_write
 from launch.runtime.images import center_crop
 from launch.runtime.partition import share_bounds
 
@@ -50,7 +51,7 @@ LATENT_SHARD_SUFFIX = ".shards"  # shards of cache X live in X.shards/
 LATENT_SHARD_DIGITS = 9  # X.shards/000000000-000000032.pt
 
 
-class DataError(Exception):
+class DataError(UserError):
     """The training data cannot be used (one-line message naming the path or flag)."""
 
 
@@ -453,7 +454,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"wrote {sum(1 for _ in out.rglob('*.png'))} images to {out}")
         return EXIT_OK
 
-    return exit_code_of(body, (DataError, FileWriteError))
+    return run_command(lambda: None, lambda _: body())
 
 
 if __name__ == "__main__":

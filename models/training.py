@@ -31,8 +31,9 @@ from torch import nn
 from diffusion import DiffusionError, LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.rng import STREAM_TRAIN_INIT, STREAM_TRAIN_MICRO_BATCH, seed_global_generators, stream_key
-from launch.runtime.errors import EXIT_OK, exit_code_of
-from launch.runtime.files import FileWriteError, available_cpus, os_reason
+from launch.runtime.command import run_command
+from launch.runtime.errors import EXIT_OK, UserError
+from launch.runtime.files import available_cpus, os_reason
 from models.data import save_torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
@@ -65,7 +66,7 @@ ARCH_KEYS = (
 )
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A training input is unusable (one-line message naming the flag or file)."""
 
 
@@ -480,7 +481,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
         return EXIT_OK
 
-    return exit_code_of(body, (TrainError, FileWriteError))
+    return run_command(lambda: None, lambda _: body())
 
 
 if __name__ == "__main__":

@@ -1,41 +1,134 @@
-"""A sampling run's folder: its name, its manifest, and what is still missing in it.
+"""A sampling run's folder, its one owner: the layout, the manifest, the lock, the image and feature blocks, and
+the plan of what a resumed run still owes.
 
-<sample-dir>/<run>/            000000.png ... (N files, one per global index; --save png), grid.png, manifest.json
-<sample-dir>/<run>/images/     image shards (--save npz; none: the grid's images), see evaluation/shards.py
-<sample-dir>/<run>/features-<weights id>/   Inception feature blocks (--ref), one folder per weights file
-<sample-dir>/.<run>.lock       held by the run that is sampling into <run>/ (host, pid, SLURM job id)
-<sample-dir>/<run>.npz         the packed ADM batch
-<sample-dir>/<run>.metrics.json   the evaluator's report (--ref)
-The manifest's "identity" is everything that changes the images; a rerun with another identity
-is refused unless --overwrite, so a folder never mixes samples of two configurations; one run at a
-time holds the folder's lock.
+<sample-dir>/<run>/                      000000.png ... (one per global index; --save png), grid.png, manifest.json
+<sample-dir>/<run>/images/               image shards (--save npz; --save none: the grid's images), see blocks.py
+<sample-dir>/<run>/features-<weights id>/   feature blocks of one feature network's weights (metrics in the job)
+<sample-dir>/<run>/set-aside/            blocks this run did not write, or found damaged: kept for a look, never read
+<sample-dir>/.<run>.lock                 held by the run that is sampling into <run>/ (host, pid, SLURM job id)
+<sample-dir>/<run>.npz                   the packed ADM batch
+<sample-dir>/<run>.metrics.json          the evaluator's report of the images in <run>.npz
+
+The manifest's "identity" is everything that changes the images; a rerun with another identity is refused unless
+--overwrite, so a folder never mixes samples of two configurations. Every block carries the id of that identity
+and a checksum of its arrays: a block copied in from another run, or damaged on disk, is set aside with a warning
+and its images are made again. One run at a time holds the folder's lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launch.runtime.files import os_reason, read_json, write_json_atomic
+import numpy as np
+
+from launch.runtime.blocks import READ_ERRORS, Block, check_block, load_block, write_block
+from launch.runtime.errors import UserError
+from launch.runtime.files import os_reason, read_json, remove_stale_temps, write_json_atomic
+from launch.runtime.npzfile import NpzWriter
 
 MANIFEST_NAME = "manifest.json"
 GRID_NAME = "grid.png"
+GRID_SIZE = 64  # grid.png shows the first 64 images (--save none keeps just those on disk)
+IMAGES_DIR = "images"
+FEATURES_PREFIX = "features-"
+SET_ASIDE_DIR = "set-aside"
+NPZ_SUFFIX = ".npz"  # <sample-dir>/<run>.npz
+METRICS_SUFFIX = ".metrics.json"  # <sample-dir>/<run>.metrics.json
+PNG_SUFFIX = ".png"
+MIN_NAME_DIGITS = 6  # {index:06d}.png, as the official sampler; wider beyond 10**6 images
 MANIFEST_VERSION = 1
+RUN_ID_CHARS = 16  # the identity's id in every block: a prefix of its sha256
+IMAGES_KEY = "arr_0"  # an image shard's array, as in ADM batches
+LABELS_KEY = "arr_1"
+RGB_CHANNELS = 3
+IMAGES_CONTENT = "images"
+ASSEMBLE_CHUNK = 256  # images copied at once into the .npz
 LOCK_SUFFIX = ".lock"  # <sample-dir>/.<run>.lock, beside the folder (which --overwrite may replace)
 LOCK_STALE_S = 1800.0  # a holder refreshes its lock between batches; silent this long, it is gone
 LOCK_WRITE_GRACE_S = 5.0  # an empty lock file younger than this is being written by its holder
 
 
-class RunDirError(Exception):
-    """The run folder cannot be used as asked; the message is one line."""
+class RunDirError(UserError):
+    """The run folder cannot be used as asked."""
+
+
+def name_digits(num_images: int) -> int:
+    """Digits of every index in a file name: 6, or more when there are more than 10**6 images."""
+    return max(MIN_NAME_DIGITS, len(str(max(0, num_images - 1))))
+
+
+def index_filename(index: int, num_images: int) -> str:
+    """`{index:06d}.png` (wider beyond 10**6 images): sample `index`'s PNG."""
+    return f"{index:0{name_digits(num_images)}d}{PNG_SUFFIX}"
+
+
+def block_name(indices: np.ndarray, num_images: int) -> str:
+    """`<first>-<last>-<count>.npz`: two blocks of one folder never share an index, so never a name."""
+    digits = name_digits(num_images)
+    return f"{int(indices[0]):0{digits}d}-{int(indices[-1]):0{digits}d}-{len(indices)}{NPZ_SUFFIX}"
+
+
+def run_id(identity: Mapping[str, Any]) -> str:
+    """The id every block of a run carries: a hash of its identity."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:RUN_ID_CHARS]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of one run: `<sample-dir>/<run>/` and the files beside it."""
+
+    path: Path
+
+    @property
+    def npz(self) -> Path:
+        return Path(f"{self.path}{NPZ_SUFFIX}")  # the run name holds dots ("cfg-1.5"): no with_suffix
+
+    @property
+    def metrics(self) -> Path:
+        return Path(f"{self.path}{METRICS_SUFFIX}")
+
+    @property
+    def images(self) -> Path:
+        return self.path / IMAGES_DIR
+
+    @property
+    def grid(self) -> Path:
+        return self.path / GRID_NAME
+
+    @property
+    def set_aside(self) -> Path:
+        return self.path / SET_ASIDE_DIR
+
+    def png(self, index: int, num_images: int) -> Path:
+        return self.path / index_filename(index, num_images)
+
+    def features(self, weights_id: str) -> Path:
+        """The folder of the feature blocks extracted with the weights of id `weights_id`."""
+        return self.path / f"{FEATURES_PREFIX}{weights_id}"
+
+    def remove_temporaries(self) -> int:
+        """Temporary files left by a killed writer: in the folder, its block folders, and the `.npz` and metrics
+        being written beside it (only this run's names). Call with the lock held."""
+        folders = [self.path, self.images, *self.path.glob(f"{FEATURES_PREFIX}*")]
+        count = sum(remove_stale_temps(d) for d in folders if d.is_dir())
+        for target in (self.npz, self.metrics):
+            for tmp in self.path.parent.glob(f".{target.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
+                count += 1
+        return count
 
 
 def run_name(model: str, ckpt: str | None, image_size: int, vae: str, cfg_scale: float, global_seed: int,
@@ -145,6 +238,14 @@ def prepare(run_dir: Path, identity: Mapping[str, Any], overwrite: bool,
         raise
 
 
+def _replace(run_dir: Path) -> None:
+    """Delete a folder that --overwrite replaces; a symbolic link is never followed into its target."""
+    if run_dir.is_symlink():
+        raise RunDirError(f"{run_dir} is a symbolic link; --overwrite does not delete through links: remove the "
+                          "link, or pass the real folder's parent as --sample-dir")
+    shutil.rmtree(run_dir)
+
+
 def _adopt(run_dir: Path, identity: Mapping[str, Any], overwrite: bool) -> Manifest | None:
     manifest = Manifest.read(run_dir) if run_dir.exists() else None
     if manifest is not None:
@@ -153,12 +254,12 @@ def _adopt(run_dir: Path, identity: Mapping[str, Any], overwrite: bool) -> Manif
             raise RunDirError(f"{run_dir} holds samples of another configuration ({'; '.join(diffs)}); "
                               "pass --overwrite to replace them or choose another --sample-dir")
         if diffs:
-            shutil.rmtree(run_dir)
+            _replace(run_dir)
             manifest = None
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise RunDirError(f"{run_dir} is not empty and has no {MANIFEST_NAME}; pass --overwrite to replace it")
-        shutil.rmtree(run_dir)
+        _replace(run_dir)
     _probe_writable(run_dir)
     return manifest
 
@@ -261,3 +362,235 @@ def scan_missing(run_dir: Path, num_samples: int, world_size: int, rank: int,
     return missing
 
 
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+def set_aside(path: Path, reason: str) -> None:
+    """Move a block this run cannot use into `<run>/set-aside/` (never read again) and say so in a warning."""
+    folder = path.parent.parent / SET_ASIDE_DIR if path.parent.name != SET_ASIDE_DIR else path.parent
+    target = folder / f"{path.parent.name}-{path.name}"
+    try:
+        folder.mkdir(exist_ok=True)
+        os.replace(path, target)
+        where = f"moved to {target}"
+    except OSError:
+        path.unlink(missing_ok=True)
+        where = "deleted"
+    warnings.warn(f"{path}: {reason}; {where}, its images are made again", stacklevel=2)
+
+
+def scan_blocks(folder: Path, num_images: int, rows: Mapping[str, tuple[tuple[int, ...], np.dtype]], run: str,
+                content: str) -> list[Block]:
+    """The blocks of `folder` this run wrote, in name order (headers and origins only; `verify_blocks` reads
+    their data). A block of another run or content, of the wrong shape, unreadable, or repeating an index of an
+    earlier block is set aside."""
+    blocks: list[Block] = []
+    seen = np.zeros(num_images, bool)
+    for path in sorted(folder.glob(f"[0-9]*{NPZ_SUFFIX}")) if folder.is_dir() else []:
+        found = check_block(path, num_images, rows, run, content)
+        if isinstance(found, Block) and seen[found.indices].any():
+            found = "repeats sample indices of another block"
+        if isinstance(found, str):
+            set_aside(path, found)
+            continue
+        seen[found.indices] = True
+        blocks.append(found)
+    return blocks
+
+
+def damaged_blocks(blocks: Iterable[Block], names: Sequence[str]) -> list[tuple[Path, str]]:
+    """(path, why) of each block whose arrays `names` do not read back or match their checksums (full read)."""
+    bad = []
+    for block in blocks:
+        try:
+            load_block(block.path, names)
+        except READ_ERRORS as exc:
+            bad.append((block.path, f"damaged ({type(exc).__name__}: {str(exc)[:120]})"))
+    return bad
+
+
+def image_rows(image_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """What an image shard holds per index: one uint8 HWC image."""
+    return {IMAGES_KEY: ((image_size, image_size, RGB_CHANNELS), np.dtype(np.uint8))}
+
+
+def feature_rows(dims: Mapping[str, int]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """What a feature block holds per index: a float32 row of each kind (kind -> width)."""
+    return {kind: ((d,), np.dtype(np.float32)) for kind, d in dims.items()}
+
+
+def features_content(weights_id: str) -> str:
+    return f"{FEATURES_PREFIX}{weights_id}"
+
+
+def load_features(blocks: Iterable[Block], kinds: Iterable[str]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(indices, kind -> rows) of each block in turn, every array checked; RunDirError for a block that changed
+    since the scan (it is set aside first, so a rerun redoes it)."""
+    kinds = list(kinds)
+    for block in blocks:
+        try:
+            arrays = load_block(block.path, kinds)
+        except READ_ERRORS as exc:
+            set_aside(block.path, f"damaged ({type(exc).__name__}: {str(exc)[:120]})")
+            raise RunDirError(f"feature block {block.path} changed on disk while the run read it; it was set "
+                              "aside: rerun the same command to redo it") from None
+        yield arrays["indices"], {kind: arrays[kind] for kind in kinds}
+
+
+class ImageShards:
+    """The image shards of a run folder: which indices they hold, and those images by index, each shard read
+    whole and checked against its checksums the first time it is used."""
+
+    def __init__(self, blocks: list[Block], num_images: int, image_size: int):
+        self.blocks, self.num_images = blocks, num_images
+        self.shape = (image_size, image_size, RGB_CHANNELS)
+        self.shard = np.full(num_images, -1, np.int64)  # [N]: which block holds image i (-1: none)
+        self.row = np.zeros(num_images, np.int64)  # [N]: its row there
+        for s, block in enumerate(blocks):
+            self.shard[block.indices] = s
+            self.row[block.indices] = np.arange(block.indices.shape[0])
+        self._cached: tuple[int, np.ndarray] | None = None  # one checked shard in memory
+
+    @classmethod
+    def scan(cls, run_dir: Path, num_images: int, image_size: int, run: str) -> ImageShards:
+        blocks = scan_blocks(run_dir / IMAGES_DIR, num_images, image_rows(image_size), run, IMAGES_CONTENT)
+        return cls(blocks, num_images, image_size)
+
+    @property
+    def kept(self) -> np.ndarray:
+        """bool [N]: image i is in a shard."""
+        return self.shard >= 0
+
+    def _images(self, s: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != s:
+            path = self.blocks[s].path
+            try:
+                images = load_block(path, [IMAGES_KEY])[IMAGES_KEY]
+            except READ_ERRORS as exc:
+                set_aside(path, f"damaged ({type(exc).__name__}: {str(exc)[:120]})")
+                raise RunDirError(f"image shard {path} changed on disk while the run read it; it was set aside: "
+                                  "rerun the same command to make its images again") from None
+            self._cached = (s, images)
+        return self._cached[1]
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images of the global `indices`, uint8 [k, H, W, 3], in that order."""
+        idx = np.asarray(indices, np.int64)
+        shard = self.shard[idx]
+        if (shard < 0).any():
+            raise RunDirError(f"image {int(idx[shard < 0][0])} is in no image shard; rerun the sampler to finish "
+                              "the run")
+        out = np.empty((idx.shape[0], *self.shape), np.uint8)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self._images(int(s))[self.row[idx[sel]]]
+        return out
+
+
+def assemble_npz(shards: ImageShards, out: Path, labels: np.ndarray | None = None) -> Path:
+    """Copy every image 0..N-1 from the shards into the ADM batch `out` (arr_0, arr_1 = labels), streamed in
+    index order from shards checked against their checksums, nothing decoded; written under a temporary name
+    and renamed, so an `out` already there is replaced only by a complete, checked batch."""
+    n = shards.num_images
+    missing = np.flatnonzero(~shards.kept)
+    if missing.size:
+        raise RunDirError(f"the image shards lack {missing.size} of {n} images (first: {missing[0]}); rerun the "
+                          "sampler to finish them")
+    extras = {LABELS_KEY: np.asarray(labels, dtype=np.int64)} if labels is not None else None
+    with NpzWriter(out, IMAGES_KEY, n, shards.shape) as writer:
+        for a in range(0, n, ASSEMBLE_CHUNK):
+            writer.write(shards.read(np.arange(a, min(n, a + ASSEMBLE_CHUNK))))
+        return writer.close(extras)
+
+
+# --------------------------------------------------------------------------------------------- resume plan
+
+
+@dataclass
+class ResumePlan:
+    """The work a run folder still owes."""
+
+    to_sample: list[int]  # sorted global indices whose image is sampled
+    to_extract: list[int]  # images stored on disk that lack features (read back and extracted)
+    feature_blocks: list[Block]  # the blocks whose features count
+    stale: list[Path]  # feature blocks superseded: delete them
+
+
+def plan_resume(kept: np.ndarray, stored: np.ndarray, blocks: list[Block] | None) -> ResumePlan:
+    """What is left, from kept [N] bool (image i is on disk: a valid PNG or in a shard), stored [N] bool (the
+    run keeps image i on disk at all; --save none keeps only the grid's) and the feature blocks of the current
+    weights (None: no features wanted).
+
+    An image not on disk is sampled when the run keeps it, or when it has no features; an image on disk without
+    features is read back and extracted. A feature block holding an image that is sampled again is stale
+    (features are never mixed): its other images are extracted again from disk, or sampled again.
+    """
+    if blocks is None:
+        return ResumePlan(np.flatnonzero(stored & ~kept).tolist(), [], [], [])
+    valid, stale = list(blocks), []
+    while True:
+        has = np.zeros(kept.shape[0], bool)
+        for block in valid:
+            has[block.indices] = True
+        to_sample = ~kept & (stored | ~has)
+        drop = [block for block in valid if to_sample[block.indices].any()]
+        if not drop:
+            break
+        stale += [block.path for block in drop]
+        valid = [block for block in valid if not to_sample[block.indices].any()]
+    to_extract = np.flatnonzero(kept & ~has).tolist()
+    return ResumePlan(np.flatnonzero(to_sample).tolist(), to_extract, valid, stale)
+
+
+class BlockWriter:
+    """One rank's consecutive batches, written as blocks of `block_images`: first the image shard (the images
+    with index below `keep_images_below`; `image_dir` None: none), then, after `before_features()` (e.g. the
+    PNG writes finishing), the feature block (`feature_dir` None: none). Each file is atomic and carries the run's
+    id `run` and its checksums; after a SIGKILL an index has features only when its image is stored."""
+
+    def __init__(self, num_images: int, block_images: int, run: str, image_dir: Path | None,
+                 feature_dir: Path | None, keep_images_below: int | None = None,
+                 before_features: Callable[[], None] | None = None):
+        self.num_images, self.block_images, self.run = num_images, block_images, run
+        self.image_dir, self.feature_dir = image_dir, feature_dir
+        self.keep_below = num_images if keep_images_below is None else keep_images_below
+        self.before_features = before_features
+        self._indices: list[np.ndarray] = []
+        self._images: list[tuple[np.ndarray, np.ndarray]] = []  # (indices, images) kept
+        self._features: list[dict[str, np.ndarray]] = []
+        self.pending = 0
+
+    def add(self, indices: Sequence[int] | np.ndarray, images: np.ndarray | None,
+            features: Mapping[str, np.ndarray] | None) -> None:
+        """Images uint8 [B, H, W, 3] and features (kind -> float32 [B, D]) of global `indices` [B]."""
+        idx = np.asarray(indices, np.int64)
+        self._indices.append(idx)
+        if self.image_dir is not None and images is not None:
+            keep = idx < self.keep_below
+            if keep.any():
+                self._images.append((idx[keep], np.ascontiguousarray(images[keep])))
+        if self.feature_dir is not None and features is not None:
+            self._features.append(dict(features))
+        self.pending += idx.shape[0]
+        if self.pending >= self.block_images:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is collected (the last, partial block at the end of a rank's share or on a stop)."""
+        if not self.pending:
+            return
+        if self._images:
+            idx = np.concatenate([i for i, _ in self._images])
+            write_block(self.image_dir / block_name(idx, self.num_images), idx,
+                        {IMAGES_KEY: np.concatenate([im for _, im in self._images])}, self.run, IMAGES_CONTENT)
+        if self._features:
+            if self.before_features is not None:
+                self.before_features()
+            idx = np.concatenate(self._indices)
+            kinds = self._features[0]
+            write_block(self.feature_dir / block_name(idx, self.num_images), idx,
+                        {k: np.concatenate([f[k] for f in self._features]) for k in kinds}, self.run,
+                        self.feature_dir.name)
+        self._indices, self._images, self._features, self.pending = [], [], [], 0

@@ -84,7 +84,7 @@ def test_build_reference(tmp_path: Path, image_folder: Path, extractor: Inceptio
     expected_all = np.stack(expected_all)
     batch = open_batch(out)
     chosen = np.sort(np.random.default_rng(1).choice(len(files), 3, replace=False))
-    np.testing.assert_array_equal(batch.read_all(), expected_all[chosen])
+    np.testing.assert_array_equal(np.concatenate(list(batch.iter_chunks(64))), expected_all[chosen])
     feats = extractor.extract(expected_all)
     pool, spatial = feats["pool"].double().numpy(), feats["spatial"].double().numpy()
     np.testing.assert_allclose(batch.array("mu"), pool.mean(0), rtol=1e-5, atol=1e-7)
@@ -122,7 +122,7 @@ def test_a_full_reference_seeds_the_evaluator_cache(tmp_path: Path, image_folder
                                                      extractor: InceptionExtractor, sample_images: np.ndarray):
     """arr_0 = every image: the first evaluation reads the reference's features from the cache (no Inception
     pass over it) and gets the numbers an evaluation without any cache gets."""
-    from evaluation.evaluator import evaluate
+    from evaluation.report import evaluate
 
     out, cache = tmp_path / "ref.npz", tmp_path / "cache"
     with warnings.catch_warnings():
