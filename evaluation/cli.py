@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from evaluation.errors import EvaluationError
-from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, resolve_weights
+from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, resolve_weights_on_every_rank
 from evaluation.metrics import METRICS
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from launch.runtime import dist
@@ -71,6 +71,5 @@ def init_device(spec: str) -> torch.device:
 def open_extractor(args: argparse.Namespace) -> InceptionExtractor:
     """Join the process group on `--device`, find the weights (rank 0 first: it may download), load the network."""
     device = init_device(args.device)
-    weights = dist.rank0_then_others(lambda: resolve_weights(args.inception_weights,
-                                                             allow_download=not args.no_download))
+    weights = resolve_weights_on_every_rank(args.inception_weights, allow_download=not args.no_download)
     return InceptionExtractor(weights, device, args.eval_batch_size)

@@ -18,7 +18,7 @@ import numpy as np
 from evaluation.batches import IMAGES_KEY, STATISTICS_KEYS, ImageBatch, open_batch
 from evaluation.errors import EvaluationError
 from evaluation.inception import INPUT_SIZE
-from evaluation.metrics import ALIASES, FRECHET_FEATURES, MANIFOLD_METRICS, METRIC_IS, METRICS, PRINT_NAMES
+from evaluation.metrics import FRECHET_FEATURES, MANIFOLD_METRICS, METRIC_IS, METRICS, PRINT_NAMES, normalise_metrics
 from evaluation.precision_recall import NEAREST_K
 from evaluation.statistics import MIN_COV_IMAGES
 
@@ -41,16 +41,6 @@ class EvaluationInputs:
     sample: CheckedBatch
     metrics: tuple[str, ...]  # short names, ADM's order
     bootstrap: int = 0  # resamples for the spread of FID/sFID/IS (0: none)
-
-
-def normalise_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
-    """Short names (or the report's names) -> short names in ADM's order."""
-    names = [m.strip().lower() for m in metrics]
-    unknown = [m for m in names if m not in ALIASES]
-    if unknown:
-        raise EvaluationError(f"unknown metric {', '.join(unknown)}; choose from {','.join(METRICS)}")
-    chosen = {ALIASES[m] for m in names}
-    return tuple(m for m in METRICS if m in chosen)
 
 
 def open_checked(path: BatchInput, role: str) -> ImageBatch:

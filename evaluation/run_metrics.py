@@ -21,7 +21,7 @@ from typing import Any
 from evaluation.batches import BatchError, ImageBatch
 from evaluation.errors import EvaluationError
 from evaluation.features import FeatureAccumulator
-from evaluation.inception import FEATURE_DIMS, InceptionExtractor, InceptionWeights, resolve_weights
+from evaluation.inception import FEATURE_DIMS, InceptionExtractor, InceptionWeights, resolve_weights_on_every_rank
 from evaluation.inputs import REFERENCE, CheckedBatch, EvaluationInputs, check_batch, check_inputs
 from evaluation.metrics import MANIFOLD_METRICS, METRIC_IS, parse_metrics
 from evaluation.precision_recall import NEAREST_K
@@ -95,7 +95,7 @@ class RunEvaluation:
              bootstrap: int = 0, bootstrap_seed: int = 0) -> RunEvaluation:
         """Find the weights (rank 0 first: it may download), load Inception on `device`, get the reference
         statistics (a collective: from the cache, or one pass over arr_0 shared by the ranks)."""
-        weights = dist.rank0_then_others(lambda: resolve_weights(weights_path, allow_download=allow_download))
+        weights = resolve_weights_on_every_rank(weights_path, allow_download=allow_download)
         if METRIC_IS in metrics and not weights.has_classifier:
             if metrics == (METRIC_IS,):
                 raise EvaluationError(weights.is_unavailable_reason())
