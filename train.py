@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffusion import create_diffusion, guided_model
+from diffusion.flow import FAMILY_SIT, FlowSampler
 from diffusion.rng import SampleNoise, sample_seed
 from diffusion.timestep_sampler import ScheduleSampler, create_named_schedule_sampler
 from launch import dist
@@ -42,12 +43,14 @@ from models import training as T
 from models.checkpoints import CheckpointError
 from models.data import DataError
 from models.dit import DiT
+from models.sit import SiT
 from models.training import TrainConfig, TrainError
 from models.vae import CODEC_CHOICES, CodecError, PixelCodec, load_codec
 
 GRID_PER_CLASS = 4  # sample grid: up to GRID_PER_CLASS images of each of the first GRID_MAX_CLASSES classes
 GRID_MAX_CLASSES = 16
 GRID_SEED = 0  # fixed noise for the grids, so that successive grids show the same samples improving
+FLOW_GRID_SAMPLER = "euler"  # --objective flow: the grids take --sample-steps Euler steps of the flow ODE
 RNG_RULE = "torch.manual_seed(global_seed * 2**32 + micro_batch * world_size + rank)"  # stored in checkpoints
 MIN_ELAPSED_S = 1e-9
 CONFIG_NAME = "config.json"  # in --results-dir, beside log.txt, checkpoints/ and samples/
@@ -93,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"processes - 1, at most {T.AUTO_WORKERS_MAX}; in-memory latents and digits: 0)",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=[*T.DIT_CONFIGS, T.CUSTOM_MODEL], default=d.model,
-                   help="a DiT configuration, or custom with the four flags below")
+    g.add_argument("--model", choices=[*T.DIT_CONFIGS, *T.SIT_CONFIGS, T.CUSTOM_MODEL], default=d.model,
+                   help="a DiT (or, with --objective flow, SiT) configuration, or custom with the four flags below")
     for name in ("depth", "hidden-size", "num-heads", "patch-size"):
         g.add_argument(f"--{name}", type=int, default=None, help="custom model only")
     g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=d.learn_sigma,
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-dropout", type=float, default=d.class_dropout,
                    help="probability of the null label (classifier-free guidance training)")
     g = p.add_argument_group("objective")
+    g.add_argument("--objective", choices=T.OBJECTIVES, default=d.objective,
+                   help="diffusion: DiT's DDPM losses (the flags below); flow: SiT's flow matching (linear path, "
+                   "velocity MSE, t ~ U[0,1]), checkpoints sampled as family sit")
     g.add_argument("--prediction", choices=T.PREDICTIONS, default=d.prediction, help="network target")
     g.add_argument("--noise-schedule", choices=T.SCHEDULES, default=d.noise_schedule)
     g.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
@@ -301,7 +307,7 @@ def build_networks(
         raise TrainError(
             f"model input size {input_size} is not a multiple of the patch size {arch['patch_size']}"
         )
-    model = DiT(
+    model = (SiT if cfg.objective == T.OBJECTIVE_FLOW else DiT)(
         input_size=input_size,
         in_channels=in_channels,
         num_classes=num_classes,
@@ -460,14 +466,19 @@ class Trainer:
         T.seed_everything(T.micro_batch_seed(cfg.global_seed, index, info.rank, info.world_size))
         if self.data.encode_online:
             x = self.data.codec.encode(x)
-        t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
-        t = to_device_async(t, device)
-        importance = to_device_async(weights, device) if self.loss_aware else None  # uniform: all ones
+        flow = cfg.objective == T.OBJECTIVE_FLOW  # flow matching draws its own t in the loss
+        if not flow:
+            t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
+            t = to_device_async(t, device)
+            importance = to_device_async(weights, device) if self.loss_aware else None  # uniform: all ones
         drop = T.label_drop_mask(x.shape[0], cfg.class_dropout, device)
         sync = micro == cfg.grad_accum - 1 or info.world_size == 1
         with contextlib.nullcontext() if sync else self.ddp.no_sync(), self.autocast():
             kwargs = {"y": y, "force_drop_ids": drop}
-            terms = T.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
+            if flow:
+                terms = T.flow_loss(self.ddp, x, kwargs)
+            else:
+                terms = T.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
             loss = terms["loss"].mean() / cfg.grad_accum
         loss.backward()
         if self.loss_aware:
@@ -583,7 +594,7 @@ def _progress_bar(cfg: TrainConfig, step: int, main: bool) -> Any:
 
 
 def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out: Path, device: torch.device) -> None:
-    """DDIM samples of the EMA weights with guidance: GRID_PER_CLASS rows x classes columns, as one PNG."""
+    """DDIM (flow: Euler) samples of the EMA weights with guidance: GRID_PER_CLASS rows x classes columns, one PNG."""
     classes = min(arch["num_classes"], GRID_MAX_CLASSES)
     labels = torch.arange(classes).repeat(GRID_PER_CLASS).to(device)  # row r: classes 0..C-1
     noise = SampleNoise([sample_seed(GRID_SEED, i) for i in range(len(labels))])
@@ -598,9 +609,13 @@ def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out
     fn = guided_model(ema, scale, arch["num_classes"], channels="all")
     shape = (len(labels), arch["in_channels"], arch["input_size"], arch["input_size"])
     pixel = codec is None
-    z = sampler.ddim_sample_loop(
-        fn, shape, clip_denoised=pixel, model_kwargs={"y": labels}, device=device, noise_fn=noise
-    )
+    if diffusion_cfg.objective == T.OBJECTIVE_FLOW:  # a SiT: Euler steps of the flow ODE
+        flow = FlowSampler(FLOW_GRID_SAMPLER, diffusion_cfg.sample_steps, family=FAMILY_SIT)
+        z = flow(fn, noise.randn(shape[1:], device), noise=noise, model_kwargs={"y": labels})
+    else:
+        z = sampler.ddim_sample_loop(
+            fn, shape, clip_denoised=pixel, model_kwargs={"y": labels}, device=device, noise_fn=noise
+        )
     images = (PixelCodec(arch["in_channels"]) if pixel else codec).decode(z).numpy()  # [N, H, W, 3] uint8
     n, h, w, _ = images.shape
     grid = (
