@@ -317,10 +317,10 @@ def resolve_family(meta: dict[str, Any], model_name: str | None) -> str:
 
     A file that tells its family keeps it (a DiT-... name for a sit/repa file, or a SiT-... name for a dit
     file, is a CheckpointError); a raw state dict takes the name's family (DiT-... dit, SiT-... sit; dit
-    without a name) and is marked ``family_assumed``.
+    without a name) and is marked ``family_assumed``, so that a later call with a name decides again.
     """
     named = _model_family(model_name)
-    family = meta.get("family")
+    family = None if meta.get("family_assumed") else meta.get("family")  # an assumption yields to a name
     where = meta.get("path") or "checkpoint"
     if family is None:
         family = named or FAMILY_DIT

@@ -7,7 +7,8 @@ timesteps, noise and dropped labels of an uninterrupted one without storing gene
 
 Checkpoint format (``torch.load(weights_only=True)`` safe: tensors, dicts, lists, numbers, strings)::
 
-    {"model": state_dict, "ema": state_dict, "opt": AdamW state, "config": dict (architecture + args),
+    {"model": state_dict, "ema": state_dict, "opt": AdamW state,
+     "config": dict (architecture + args, with "objective" and the model "family" it makes: dit or sit),
      "step": int, "class_to_idx": {name: index}, "rng": {"global_seed", "rule"},
      "timestep_sampler": dict (loss history of the importance sampler; empty when uniform)}
 """
