@@ -286,7 +286,8 @@ def _family_from_file(path: Path, state: dict[str, Any], meta: dict[str, Any]) -
         if config["family"] not in FAMILIES:
             raise CheckpointError(f"checkpoint {path} names family {config['family']!r} in its config; "
                                   f"expected one of {', '.join(FAMILIES)}")
-        found = config["family"], f"config family {config['family']} -> {config['family']} (trained by this project)"
+        objective = config.get("objective", OBJECTIVE_DIFFUSION)
+        found = config["family"], f"config family {config['family']}, objective {objective} (trained by this project)"
     elif config.get("objective") in (OBJECTIVE_FLOW, OBJECTIVE_DIFFUSION):
         family = FAMILY_SIT if config["objective"] == OBJECTIVE_FLOW else FAMILY_DIT
         found = family, f"config objective {config['objective']} -> {family} (trained by this project)"

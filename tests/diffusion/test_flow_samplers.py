@@ -337,6 +337,15 @@ def test_a_learned_sigma_output_is_refused():
     assert "first half" in one_line(FlowSampler("euler", 2), doubled, z_and_labels()[0])
 
 
+@pytest.mark.parametrize("name", ["dpm++2m", "unipc"])
+def test_a_scheduler_sampler_starts_afresh_at_every_call(name):
+    z, _ = z_and_labels(10)
+    sampler = FlowSampler(name, 6, family="repa")
+    first = sampler(GaussianNet("repa"), z)
+    sampler(GaussianNet("repa"), z * 2)  # another batch in between
+    assert torch.equal(sampler(GaussianNet("repa"), z), first)
+
+
 def test_describe_records_steps_nfe_and_conventions():
     d = FlowSampler("heun", 5, family="sit").describe()
     assert d["nfe"] == 9 and d["steps"] == 5 and d["family"] == "sit" and "t=1 noise" in d["time_convention"]
