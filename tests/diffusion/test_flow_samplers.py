@@ -298,6 +298,14 @@ def test_dopri5_solves_the_ode_and_reports_its_calls():
     assert "batch" in tight.describe()["solver"]["batch_dependent"]
 
 
+def test_dopri5_without_torchdiffeq_is_one_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchdiffeq", None)  # what an environment without the package gives
+    msg = one_line(FlowSampler("dopri5", 2), GaussianNet("sit"), z_and_labels()[0])
+    assert "torchdiffeq" in msg
+
+
 # ------------------------------------------------------------------------------------- settings and errors
 
 
