@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffusion import guided_model
+from diffusion.flow import FAMILY_SIT, FlowSampler
 from diffusion.rng import SampleNoise, sample_seed
 from diffusion.samplers import DDIM, Sampler
 from diffusion.training_timesteps import ScheduleSampler, create_named_schedule_sampler
@@ -40,12 +41,14 @@ from launch.runtime.command import run_command
 from launch.runtime.files import FileWriteError, atomic_write, os_reason
 from models import data, training
 from models.dit import DiT
+from models.sit import SiT
 from models.training import TrainConfig, TrainError
 from models.vae import CODEC_CHOICES, PixelCodec, load_codec
 
 GRID_PER_CLASS = 4  # sample grid: up to GRID_PER_CLASS images of each of the first GRID_MAX_CLASSES classes
 GRID_MAX_CLASSES = 16
 GRID_SEED = 0  # fixed noise for the grids, so that successive grids show the same samples improving
+FLOW_GRID_SAMPLER = "euler"  # --objective flow: the grids take --sample-steps Euler steps of the flow ODE
 MIN_ELAPSED_S = 1e-9
 CONFIG_NAME = "config.json"  # in --results-dir, beside log.txt, checkpoints/ and samples/
 LOG_NAME = "log.txt"
@@ -90,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"processes - 1, at most {training.AUTO_WORKERS_MAX}; in-memory latents and digits: 0)",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=[*training.DIT_CONFIGS, training.CUSTOM_MODEL], default=d.model,
-                   help="a DiT configuration, or custom with the four flags below")
+    g.add_argument("--model", choices=[*training.DIT_CONFIGS, *training.SIT_CONFIGS, training.CUSTOM_MODEL],
+                   default=d.model,
+                   help="a DiT (or, with --objective flow, SiT) configuration, or custom with the four flags below")
     for name in ("depth", "hidden-size", "num-heads", "patch-size"):
         g.add_argument(f"--{name}", type=int, default=None, help="custom model only")
     g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=d.learn_sigma,
@@ -99,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-dropout", type=float, default=d.class_dropout,
                    help="probability of the null label (classifier-free guidance training)")
     g = p.add_argument_group("objective")
+    g.add_argument("--objective", choices=training.OBJECTIVES, default=d.objective,
+                   help="diffusion: DiT's DDPM losses (the flags below); flow: SiT's flow matching (linear path, "
+                   "velocity MSE, t ~ U[0,1]), checkpoints sampled as family sit")
     g.add_argument("--prediction", choices=training.PREDICTIONS, default=d.prediction, help="network target")
     g.add_argument("--noise-schedule", choices=training.SCHEDULES, default=d.noise_schedule)
     g.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
@@ -298,7 +305,7 @@ def build_networks(
         raise TrainError(
             f"model input size {input_size} is not a multiple of the patch size {arch['patch_size']}"
         )
-    model = DiT(
+    model = (SiT if cfg.objective == training.OBJECTIVE_FLOW else DiT)(
         input_size=input_size,
         in_channels=in_channels,
         num_classes=num_classes,
@@ -457,14 +464,19 @@ class Trainer:
         training.seed_everything(training.micro_batch_key(cfg.global_seed, index, info.rank, info.world_size))
         if self.data.encode_online:
             x = self.data.codec.encode(x)
-        t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
-        t = to_device_async(t, device)
-        importance = to_device_async(weights, device) if self.loss_aware else None  # uniform: all ones
+        flow = cfg.objective == training.OBJECTIVE_FLOW  # flow matching draws its own t in the loss
+        if not flow:
+            t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
+            t = to_device_async(t, device)
+            importance = to_device_async(weights, device) if self.loss_aware else None  # uniform: all ones
         drop = training.label_drop_mask(x.shape[0], cfg.class_dropout, device)
         sync = micro == cfg.grad_accum - 1 or info.world_size == 1
         with contextlib.nullcontext() if sync else self.ddp.no_sync(), self.autocast():
             kwargs = {"y": y, "force_drop_ids": drop}
-            terms = training.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
+            if flow:
+                terms = training.flow_loss(self.ddp, x, kwargs)
+            else:
+                terms = training.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
             loss = terms["loss"].mean() / cfg.grad_accum
         loss.backward()
         if self.loss_aware:
@@ -580,18 +592,16 @@ def _progress_bar(cfg: TrainConfig, step: int, main: bool) -> Any:
 
 
 def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out: Path, device: torch.device) -> None:
-    """DDIM samples of the EMA weights with guidance: GRID_PER_CLASS rows x classes columns, as one PNG."""
+    """DDIM (flow: Euler) samples of the EMA weights with guidance: GRID_PER_CLASS rows x classes columns, one PNG."""
     classes = min(arch["num_classes"], GRID_MAX_CLASSES)
     labels = torch.arange(classes).repeat(GRID_PER_CLASS).to(device)  # row r: classes 0..C-1
     noise = SampleNoise([sample_seed(GRID_SEED, i) for i in range(len(labels))])
-    sampler = Sampler(
-        DDIM,
-        diffusion_cfg.sample_steps,
-        noise_schedule=diffusion_cfg.noise_schedule,
-        learn_sigma=arch["learn_sigma"],
-        predict_v=diffusion_cfg.prediction == "v",
-        diffusion_steps=diffusion_cfg.diffusion_steps,
-    )
+    if diffusion_cfg.objective == training.OBJECTIVE_FLOW:  # a SiT: Euler steps of the flow ODE
+        sampler = FlowSampler(FLOW_GRID_SAMPLER, diffusion_cfg.sample_steps, family=FAMILY_SIT)
+    else:
+        sampler = Sampler(DDIM, diffusion_cfg.sample_steps, noise_schedule=diffusion_cfg.noise_schedule,
+                          learn_sigma=arch["learn_sigma"], predict_v=diffusion_cfg.prediction == "v",
+                          diffusion_steps=diffusion_cfg.diffusion_steps)
     scale = diffusion_cfg.sample_cfg if diffusion_cfg.class_dropout > 0 else 1.0
     fn = guided_model(ema, scale, arch["num_classes"], channels="all")
     x_T = noise.randn((arch["in_channels"], arch["input_size"], arch["input_size"]), device)  # draw 1 of each

@@ -1,4 +1,8 @@
-"""ADM Gaussian diffusion with DiT's defaults: schedules, respacing, samplers, losses, guidance."""
+"""ADM Gaussian diffusion with DiT's defaults: schedules, respacing, samplers, losses, guidance.
+
+The flow-matching samplers and objective of SiT and REPA live in ``diffusion.flow`` and
+``diffusion.flow_loss`` (imported from there: they build on ``diffusion.samplers``, which imports this package).
+"""
 
 from __future__ import annotations
 

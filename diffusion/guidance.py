@@ -33,9 +33,12 @@ def guided_model(
     Inside, the batch is doubled to [x; x] with labels [y; num_classes]; the combination runs in float32
     (bf16/fp16 outputs are upcast first), so the guided output is float32 or float64. Output channels beyond
     the guided ones (remaining eps channels with "first3", and learned-variance channels) come from the
-    conditional half. `interval=(low, high)`: guidance only where low <= t <= high (t in training
-    timesteps), the plain conditional output elsewhere; the sampling loop picks the function of each step
-    on the host (`for_timestep`). cfg_scale == 1 returns `model` itself.
+    conditional half. `interval=(low, high)`: guidance only where low <= t <= high, the plain conditional
+    output elsewhere; the sampling loop picks the function of each step on the host (`for_timestep(t)`), with
+    t on the sampler's clock: training timesteps for the ADM and diffusers samplers (diffusion.samplers), the
+    user's flow time (1 = noise, REPA's guidance_low/high, whatever the network's own convention) for the
+    flow samplers (diffusion.flow), which also keep one decision for both evaluations of a Heun step.
+    cfg_scale == 1 returns `model` itself.
     """
     if channels not in CHANNEL_MODES:
         raise DiffusionError(
@@ -71,10 +74,12 @@ def guided_model(
 
 
 class _IntervalGuided:
-    """Guidance only for training timesteps low <= t <= high; the plain conditional model elsewhere.
+    """Guidance only for low <= t <= high on the sampler's clock; the plain conditional model elsewhere.
 
-    A sampling loop knows each step's timestep on the host and asks for_timestep(t) for the function of the
-    whole step (no host sync). Called directly with t [B], it decides per sample (this reads t on the host).
+    A sampling loop knows each step's time on the host and asks for_timestep(t) for the function of the
+    whole step (no host sync). Called directly with t [B], it decides per sample on the t it is given (this
+    reads t on the host): the network's t, which for a SiT network is 1 - the flow samplers' clock, so the
+    flow samplers always go through for_timestep.
     """
 
     def __init__(self, model: ModelFn, guided: ModelFn, interval: tuple[float, float]) -> None:

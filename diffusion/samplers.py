@@ -68,7 +68,8 @@ def check_steps(name: str, steps: int, diffusion_steps: int = DEFAULT_DIFFUSION_
     """DiffusionError (one line) when `steps` is below the sampler's minimum or above the training steps."""
     low, why = MIN_STEPS.get(name, (1, ""))
     if steps < low:
-        raise DiffusionError(f"{name} needs at least {low} steps ({why}), got {steps}")
+        reason = f" ({why})" if why else ""
+        raise DiffusionError(f"{name} needs at least {low} step{'s' if low > 1 else ''}{reason}, got {steps}")
     if steps > diffusion_steps:
         raise DiffusionError(f"sampling steps must be at most the {diffusion_steps} training steps, got {steps}")
 

@@ -1,14 +1,23 @@
-"""Find, download, load and validate DiT checkpoints.
+"""Find, download, load and validate checkpoints of the DiT family and the flow-matching SiT and REPA families.
 
-Formats: the official raw state dicts, train.py dicts ``{model, ema, opt, args | config}`` (``ema``
-preferred, as sampling uses the EMA weights) and ``.safetensors`` files. Key prefixes left by
-DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) are stripped.
-A checkpoint is untrusted input: ``torch.load(weights_only=True)`` unless the caller opts in to full
-pickles (``--allow-pickle``). Every failure is a one-line :class:`CheckpointError` naming the file.
+Formats: the official raw state dicts (DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt), train.py dicts
+``{model, ema, opt, args | config}`` of DiT, SiT and this project, REPA's ``{model, ema, opt, args, steps}``
+(``ema`` preferred, as sampling uses the EMA weights; REPA's must have it) and ``.safetensors`` files. Key
+prefixes left by DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) are stripped,
+REPA's legacy ``decoder_blocks.{i}`` become ``blocks.{i + encoder_depth}`` and its training-only
+``projectors.*`` are dropped. A checkpoint is untrusted input: ``torch.load(weights_only=True)``, which here
+also admits ``argparse.Namespace`` (the ``args`` of the official train.py files), unless the caller opts in
+to full pickles (``--allow-pickle``). Every failure is a one-line :class:`CheckpointError` naming the file.
+
+The family (``meta["family"]``: dit | sit | repa, with ``meta["family_evidence"]``) comes from the file when
+it can tell: REPA's keys, this project's stored config (``objective``), the official ``args``
+(``model`` SiT-... / DiT-...). A raw state dict cannot tell DiT from SiT: the model name decides, and
+``meta["family_assumed"]`` says so.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,9 +28,11 @@ from typing import Any
 
 import torch
 
+from diffusion.flow import FAMILIES, FAMILY_DIT, FAMILY_REPA, FAMILY_SIT
 from launch.runtime.errors import UserError
 from launch.runtime.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, LATENT_CHANNELS, MLP_RATIO, DiT
+from models.sit import SIT_CONFIGS, SIT_PREFIX, SiT
 from models.vae import Codec
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
@@ -45,6 +56,16 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container is a zip archive
 REPLACE_HINT = "copy the file again or use an earlier checkpoint"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _MAX_KEYS_SHOWN = 3
+SAFE_GLOBALS = [argparse.Namespace]  # the `args` of SiT's, REPA's and DiT's train.py checkpoints
+DIT_PREFIX = "DiT-"
+MODEL_PREFIX_FAMILY = {DIT_PREFIX: FAMILY_DIT, SIT_PREFIX: FAMILY_SIT}
+PROJECTOR_PREFIX = "projectors."  # REPA's alignment MLPs: training only
+LEGACY_DECODER_RE = re.compile(r"^decoder_blocks\.(\d+)\.")  # REPA's early checkpoints
+QK_NORM_SUFFIX = ".attn.q_norm.weight"
+REPA_ARGS = ("enc_type", "proj_coeff", "encoder_depth")  # fields only REPA's train.py has
+OBJECTIVE_FLOW, OBJECTIVE_DIFFUSION = "flow", "diffusion"  # this project's train.py --objective
+FLOW_PATHS = ("linear",)  # SiT's "Linear", REPA's "linear": x_t on a straight line (the only one sampled here)
+FLOW_PREDICTIONS = ("velocity", "v")  # SiT's and REPA's names of the velocity target
 
 
 class CheckpointError(UserError):
@@ -92,12 +113,14 @@ def read_torch_file(path: str | os.PathLike, allow_pickle: bool = False, what: s
     torch.save's zip archives are memory-mapped (``mmap=True``): tensors are read from the file when used and
     the pages are shared through the page cache, so the ranks of a node do not each hold a copy of a training
     checkpoint of which they use only the EMA weights. Legacy (pre-zip) files are read whole. ``what`` names the
-    file in messages, e.g. "checkpoint" or "--resume".
+    file in messages, e.g. "checkpoint" or "--resume". Besides tensors and plain containers, only
+    ``argparse.Namespace`` is admitted without ``allow_pickle`` (the official train.py ``args``).
     """
     path = Path(path)
     _check_readable(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # any unreadable file is one error line
         raise _read_error(path, what, e, allow_pickle) from None
 
@@ -157,15 +180,21 @@ def _config_from(value: Any) -> dict[str, Any] | None:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a DiT checkpoint -> (state_dict, meta).
+def load_checkpoint(
+    path: str | os.PathLike, allow_pickle: bool = False, model_name: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a DiT, SiT or REPA checkpoint -> (state_dict of the sampling network, meta).
 
     ``meta["kind"]`` is "raw", "train" or "safetensors"; ``meta["path"]`` the file; ``meta["weights"]``
-    which entry was used ("ema", "model", ...); plus ``"config"`` and ``"class_to_idx"`` when present.
+    which entry was used ("ema", "model", ...); ``"family"``, ``"family_evidence"``, ``"family_assumed"``
+    (see :func:`resolve_family`; ``model_name`` decides for a raw state dict); ``"ignored_keys"`` and
+    ``"renamed_keys"`` when REPA's projectors were dropped or its legacy names renamed; plus ``"config"``
+    (a train.py ``config`` dict or ``args`` namespace as a dict) and ``"class_to_idx"`` when present.
     """
     path = Path(path)
     _check_readable(path, "checkpoint")
     meta: dict[str, Any] = {"path": str(path)}
+    top_keys: list[str] = []
 
     if path.suffix == ".safetensors":
         state, st_meta = _load_safetensors(path)
@@ -174,6 +203,8 @@ def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
             parsed = _config_from(st_meta.get(key))
             if parsed is not None:
                 meta[key] = parsed
+                if key == "config":
+                    meta["config_entry"] = key
     else:
         obj = read_torch_file(path, allow_pickle)
         if not isinstance(obj, dict):
@@ -184,27 +215,150 @@ def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
             meta.update(kind="raw", weights="raw")
         else:
             state = obj[entry]
+            top_keys = [str(k) for k in obj]
             meta.update(kind="train", weights=entry)
-            config = _config_from(obj.get("config")) or _config_from(obj.get("args"))
-            if config is not None:
-                meta["config"] = config
+            for key in ("config", "args"):
+                config = _config_from(obj.get(key))
+                if config is not None:
+                    meta.update(config=config, config_entry=key)
+                    break
             if isinstance(obj.get("class_to_idx"), dict):
                 meta["class_to_idx"] = obj["class_to_idx"]
         if meta.get("config") and isinstance(meta["config"].get("class_to_idx"), dict):
             meta.setdefault("class_to_idx", meta["config"]["class_to_idx"])
 
     state = _strip_wrapper_prefixes({str(k): v for k, v in state.items()})
+    _family_from_file(path, state, meta)
+    if meta.get("family") == FAMILY_REPA:
+        if meta["kind"] == "train" and meta["weights"] != "ema":
+            raise CheckpointError(
+                f"REPA checkpoint {path} has no 'ema' weights (it holds {', '.join(top_keys)}); REPA samples "
+                "from the EMA weights: pass a checkpoint saved by REPA's train.py, which stores them under 'ema'"
+            )
+        state = _repa_sampling_state(path, state, meta)
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing or not all(isinstance(state[k], torch.Tensor) for k in REQUIRED_KEYS):
-        shown = ", ".join(missing[:_MAX_KEYS_SHOWN]) or "tensor values"
-        raise CheckpointError(f"checkpoint {path} is not a DiT state dict (missing {shown})")
+        raise CheckpointError(f"checkpoint {path} fits no model family ({' | '.join(FAMILIES)}): {_found(state)}")
     bad = nonfinite_keys(state)
     if bad:
         raise CheckpointError(
             f"checkpoint {path} has NaN or Inf in {len(bad)} of {len(state)} tensors of its {meta['weights']} "
             f"weights (first: {bad[0]}); the run that wrote it diverged: use an earlier checkpoint"
         )
+    if model_name is not None or meta.get("family") is None:
+        resolve_family(meta, model_name)
     return state, meta
+
+
+def _found(state: dict[str, Any]) -> str:
+    """What a state dict that fits no family holds, in a few words."""
+    tensors = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+    shown = ", ".join(list(state)[:_MAX_KEYS_SHOWN]) or "nothing"
+    missing = ", ".join(k for k in REQUIRED_KEYS if k not in state)
+    more = ", ..." if len(state) > _MAX_KEYS_SHOWN else ""
+    return (f"{len(tensors)} tensors in {len(state)} entries (keys {shown}{more})"
+            + (f", without {missing}" if missing else ", not all tensors"))
+
+
+# ------------------------------------------------------------------------------------------ families
+
+
+def _model_family(name: Any) -> str | None:
+    """dit / sit from a model name's prefix (DiT-XL/2, SiT-XL/2), None for another name."""
+    if isinstance(name, str):
+        for prefix, family in MODEL_PREFIX_FAMILY.items():
+            if name.startswith(prefix):
+                return family
+    return None
+
+
+def _family_from_file(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Set meta["family"] and meta["family_evidence"] when the file itself tells the family (else leave them)."""
+    config = meta.get("config") or {}
+    _check_flow_path(path, config)
+    found: tuple[str, str] | None = None
+    if any(k.startswith(PROJECTOR_PREFIX) for k in state):
+        found = FAMILY_REPA, "keys projectors.* -> repa"
+    elif any(LEGACY_DECODER_RE.match(k) for k in state):
+        found = FAMILY_REPA, "keys decoder_blocks.* (REPA's legacy names) -> repa"
+    elif any(k.endswith(QK_NORM_SUFFIX) for k in state):
+        found = FAMILY_REPA, "keys blocks.*.attn.q_norm.* (qk-norm: only REPA's SiT has it) -> repa"
+    elif isinstance(config.get("family"), str):
+        if config["family"] not in FAMILIES:
+            raise CheckpointError(f"checkpoint {path} names family {config['family']!r} in its config; "
+                                  f"expected one of {', '.join(FAMILIES)}")
+        objective = config.get("objective", OBJECTIVE_DIFFUSION)
+        found = config["family"], f"config family {config['family']}, objective {objective} (trained by this project)"
+    elif config.get("objective") in (OBJECTIVE_FLOW, OBJECTIVE_DIFFUSION):
+        family = FAMILY_SIT if config["objective"] == OBJECTIVE_FLOW else FAMILY_DIT
+        found = family, f"config objective {config['objective']} -> {family} (trained by this project)"
+    elif any(k in config for k in REPA_ARGS[:2]):
+        found = FAMILY_REPA, f"args.{next(k for k in REPA_ARGS if k in config)} (REPA's train.py) -> repa"
+    elif _model_family(config.get("model")) is not None:
+        family = _model_family(config["model"])
+        found = family, f"{meta.get('config_entry', 'args')}.model {config['model']} -> {family}"
+    elif meta.get("config_entry") == "config":
+        found = FAMILY_DIT, "config without objective (this project's DiT training) -> dit"
+    if found is not None:
+        meta.update(family=found[0], family_evidence=found[1], family_assumed=False)
+
+
+def _check_flow_path(path: Path, config: dict[str, Any]) -> None:
+    """SiT's and REPA's args name the interpolant and the target: only the linear path with velocity is sampled."""
+    path_type, prediction = config.get("path_type"), config.get("prediction")
+    if isinstance(path_type, str) and path_type.lower() not in FLOW_PATHS:
+        raise CheckpointError(f"checkpoint {path} was trained on the {path_type} path (its args.path_type); "
+                              "only the linear path of SiT and REPA is supported")
+    if isinstance(path_type, str) and isinstance(prediction, str) and prediction.lower() not in FLOW_PREDICTIONS:
+        raise CheckpointError(f"checkpoint {path} was trained to predict the {prediction} (its args.prediction); "
+                              "only velocity prediction is supported")
+
+
+def resolve_family(meta: dict[str, Any], model_name: str | None) -> str:
+    """Complete ``meta``'s family with the model name and check that the two agree; returns the family.
+
+    A file that tells its family keeps it (a DiT-... name for a sit/repa file, or a SiT-... name for a dit
+    file, is a CheckpointError); a raw state dict takes the name's family (DiT-... dit, SiT-... sit; dit
+    without a name) and is marked ``family_assumed``, so that a later call with a name decides again.
+    """
+    named = _model_family(model_name)
+    family = None if meta.get("family_assumed") else meta.get("family")  # an assumption yields to a name
+    where = meta.get("path") or "checkpoint"
+    if family is None:
+        family = named or FAMILY_DIT
+        source = f"family from --model name {model_name}" if named else "no model name says otherwise: dit"
+        what = "raw state dict" if meta.get("kind") == "raw" else f"{meta.get('kind', 'a')} file with no family record"
+        meta.update(family=family, family_assumed=True,
+                    family_evidence=f"{what}: {source} (assumed; the weights cannot tell DiT from SiT)")
+    elif named is not None and (named == FAMILY_DIT) != (family == FAMILY_DIT):
+        want = "SiT" if family != FAMILY_DIT else "DiT"
+        raise CheckpointError(
+            f"checkpoint {where} is a {family} checkpoint ({meta['family_evidence']}) but --model {model_name} "
+            f"names a {'DiT' if named == FAMILY_DIT else 'SiT'}; pass --model {want}-{model_name.split('-', 1)[1]}"
+        )
+    return family
+
+
+def _repa_sampling_state(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """REPA's weights as the sampling network takes them: legacy decoder_blocks renamed, projectors dropped."""
+    legacy = {k: m for k in state if (m := LEGACY_DECODER_RE.match(k))}
+    if legacy:
+        config = meta.get("config") or {}
+        encoder_blocks = {int(m.group(1)) for k in state if (m := _BLOCK_RE.match(k))}
+        depth = config.get("encoder_depth", len(encoder_blocks))
+        if not isinstance(depth, int) or encoder_blocks != set(range(depth)):
+            raise CheckpointError(f"REPA checkpoint {path} has legacy decoder_blocks.* but its blocks.* "
+                                  f"({len(encoder_blocks)}) do not match encoder_depth {depth}")
+        renamed = {}
+        for k, v in state.items():
+            m = legacy.get(k)
+            renamed[f"blocks.{int(m.group(1)) + depth}.{k[m.end():]}" if m else k] = v
+        state = renamed
+        meta["renamed_keys"] = f"decoder_blocks.i -> blocks.(i + {depth}) ({len(legacy)} tensors, REPA's legacy names)"
+    dropped = [k for k in state if k.startswith(PROJECTOR_PREFIX)]
+    if dropped:
+        meta["ignored_keys"] = f"projectors.* ({len(dropped)} tensors: REPA's training-only projector MLPs)"
+    return {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -214,7 +368,8 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Architecture read from tensor shapes (assumes a null-label row, i.e. class_dropout_prob > 0).
 
     Returns patch_size, in_channels, input_size, hidden_size, depth, num_classes, learn_sigma,
-    mlp_ratio, plus label_rows and num_tokens. Raises ValueError when the shapes are inconsistent.
+    mlp_ratio, qk_norm (REPA's per-head query/key norm: ``blocks.*.attn.q_norm.*`` present), plus label_rows
+    and num_tokens. Raises ValueError when the shapes are inconsistent.
     """
     w = state_dict["x_embedder.proj.weight"]  # [D, C, p, p]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
@@ -242,13 +397,14 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         num_classes=label_rows - 1,
         learn_sigma=out_channels == 2 * in_channels,
         mlp_ratio=(int(fc1.shape[0]) / hidden) if fc1 is not None else None,
+        qk_norm=any(k.endswith(QK_NORM_SUFFIX) for k in state_dict),
         label_rows=label_rows,
         num_tokens=num_tokens,
     )
 
 
 def _arch_name(depth: int, hidden: int, patch: int) -> str:
-    for name, cfg in DIT_CONFIGS.items():
+    for name, cfg in {**DIT_CONFIGS, **SIT_CONFIGS}.items():
         if (cfg["depth"], cfg["hidden_size"], cfg["patch_size"]) == (depth, hidden, patch):
             return name
     return "a custom DiT"
@@ -261,7 +417,7 @@ def _custom_arch(ckpt: str | os.PathLike, meta: dict) -> dict[str, int]:
     if missing:
         raise CheckpointError(
             f"checkpoint {ckpt} has no architecture config ({', '.join(missing)} missing); "
-            f"pass --model NAME (one of {', '.join(DIT_CONFIGS)}) instead of {CUSTOM_MODEL}"
+            f"pass --model NAME (one of {', '.join([*DIT_CONFIGS, *SIT_CONFIGS])}) instead of {CUSTOM_MODEL}"
         )
     return {k: int(config[k]) for k in CUSTOM_ARCH_KEYS}
 
@@ -276,11 +432,12 @@ def _requested_arch(
             raise CheckpointError(f"--model {CUSTOM_MODEL} takes its architecture from a checkpoint; pass --ckpt")
         loaded = loaded or load_checkpoint(ckpt, allow_pickle=allow_pickle)
         return _custom_arch(ckpt, loaded[1]), loaded
-    if model_name not in DIT_CONFIGS:
+    configs = {**DIT_CONFIGS, **SIT_CONFIGS}
+    if model_name not in configs:
         raise CheckpointError(
-            f"--model {model_name} is unknown; choose one of {', '.join(DIT_CONFIGS)} or {CUSTOM_MODEL}"
+            f"--model {model_name} is unknown; choose one of {', '.join(configs)} or {CUSTOM_MODEL}"
         )
-    return DIT_CONFIGS[model_name], None
+    return configs[model_name], None
 
 
 def _input_size_error(name: str, cfg: dict[str, Any], input_size: int, codec: Codec | None) -> CheckpointError:
@@ -343,10 +500,13 @@ def _check_fit(
         raise _input_size_error(name, cfg, input_size, codec)
 
 
-def _load_weights(state: dict[str, torch.Tensor], name: str, model_name: str, **dit_kwargs: Any) -> DiT:
-    """A DiT built on the meta device (no init work) that takes the checkpoint's tensors, as float32."""
+def _load_weights(
+    state: dict[str, torch.Tensor], name: str, model_name: str, family: str = FAMILY_DIT, **dit_kwargs: Any
+) -> DiT:
+    """The family's network (DiT, or SiT for sit and repa) built on the meta device (no init work) that takes
+    the checkpoint's tensors, as float32."""
     with torch.device("meta"):
-        model = DiT(**dit_kwargs)
+        model = (DiT if family == FAMILY_DIT else SiT)(**dit_kwargs)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatch inside a block (e.g. another MLP width)
@@ -389,6 +549,10 @@ def build_model(
     from the checkpoint's explained by the codec's flag and downsampling factor. ``ckpt=None`` gives a freshly
     initialised model (4 channels unless given). ``loaded``: what ``load_checkpoint(ckpt)`` returned, when the
     caller has read it already (the file is then not read again). The model is returned in eval mode on the CPU.
+
+    The family (``meta["family"]``, :func:`resolve_family`) picks the network: ``DiT`` for dit, ``models.sit.SiT``
+    (the velocity only) for sit and repa, with REPA's qk-norm when its keys are there. Without a checkpoint a
+    SiT-... name gives a fresh SiT.
     """
     arch, loaded = _requested_arch(model_name, ckpt, allow_pickle, loaded)
     patch = arch["patch_size"]
@@ -398,11 +562,16 @@ def build_model(
             f"the patch size {patch} of --model {model_name}"
         )
     if ckpt is None:
-        model = DiT(input_size=input_size, num_classes=num_classes, in_channels=in_channels or LATENT_CHANNELS, **arch)
-        return model.eval(), {"kind": "init", "path": None, "weights": "init"}
+        meta = {"kind": "init", "path": None, "weights": "init"}
+        family = resolve_family(meta, model_name)
+        model = (DiT if family == FAMILY_DIT else SiT)(
+            input_size=input_size, num_classes=num_classes, in_channels=in_channels or LATENT_CHANNELS, **arch
+        )
+        return model.eval(), meta
 
     state, meta = loaded or load_checkpoint(ckpt, allow_pickle=allow_pickle)
     name = meta["path"]
+    family = resolve_family(meta, model_name)
     try:
         cfg = infer_config(state)
     except ValueError as e:
@@ -413,12 +582,14 @@ def build_model(
         state,
         name,
         model_name,
+        family,
         input_size=input_size,
         in_channels=cfg["in_channels"],
         num_classes=num_classes,
         learn_sigma=cfg["learn_sigma"],
         mlp_ratio=cfg["mlp_ratio"] or MLP_RATIO,
         class_dropout_prob=dropout,
+        qk_norm=cfg["qk_norm"],
         **arch,
     )
     meta["inferred"] = cfg

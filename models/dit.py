@@ -32,6 +32,7 @@ CLASS_DROPOUT_PROB = 0.1  # default label dropout for classifier-free guidance t
 MLP_RATIO = 4.0  # MLP hidden width / model width
 LATENT_CHANNELS = 4  # the SD VAE's latent channels: the official in_channels
 NUM_CLASSES = 1000  # ImageNet-1k: the official num_classes
+QK_NORM_LAYER = nn.LayerNorm  # REPA's qk-norm: timm's former default norm (affine, eps 1e-5) over each head
 
 _gelu_tanh = functools.partial(nn.GELU, approximate="tanh")  # the MLP activation of the official DiT
 
@@ -123,12 +124,17 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (DiT paper, Sec. 3.2)."""
+    """Transformer block with adaLN-Zero conditioning (DiT paper, Sec. 3.2).
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = MLP_RATIO) -> None:
+    ``qk_norm``: queries and keys normalised per head before attention (REPA's option; keys
+    ``attn.q_norm.{weight,bias}``, ``attn.k_norm.{weight,bias}``).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = MLP_RATIO, qk_norm: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
+                              norm_layer=QK_NORM_LAYER if qk_norm else None)
         self.attn.fused_attn = True  # F.scaled_dot_product_attention whatever $TIMM_FUSED_ATTN says: same bytes
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(hidden_size, hidden_features=int(hidden_size * mlp_ratio), act_layer=_gelu_tanh, drop=0.0)
@@ -168,6 +174,7 @@ class DiT(nn.Module):
     """Class-conditional diffusion transformer: forward(x [B,C,H,W], t [B], y [B]) -> [B, out_channels, H, W].
 
     ``out_channels`` is ``2 * in_channels`` when ``learn_sigma`` (epsilon and variance interpolation v).
+    ``qk_norm`` normalises queries and keys in every block (REPA's SiT option; DiT and SiT have none).
     """
 
     def __init__(
@@ -182,6 +189,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = CLASS_DROPOUT_PROB,
         num_classes: int = NUM_CLASSES,
         learn_sigma: bool = True,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if patch_size < 1 or input_size < patch_size or input_size % patch_size:
@@ -202,13 +210,14 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
+        self.qk_norm = qk_norm
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos embedding, kept as a frozen parameter so it is saved in the state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -249,11 +258,22 @@ class DiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x [B, C, H, W], t [B] timesteps, y [B] labels (null = ``num_classes``) -> [B, out_ch, H, W]."""
-        x = self.x_embedder(x) + self.pos_embed  # [B, T, D]
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # [B, D]
+        x, c = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
             x = block(x, c)
-        return self.unpatchify(self.final_layer(x, c))
+        return self.head(x, c)
+
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' inputs: tokens [B, T, D] (patches + position) and the condition c [B, D] (t + label)."""
+        tokens = self.x_embedder(x) + self.pos_embed  # [B, T, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # [B, D]
+        return tokens, c
+
+    def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The last blocks' tokens [B, T, D] -> the output image [B, out_ch, H, W]."""
+        return self.unpatchify(self.final_layer(tokens, c))
 
 
 # name -> (depth, hidden_size, patch_size, num_heads), Table 1 of the DiT paper.

@@ -8,7 +8,8 @@ no two global seeds, micro-batches or ranks share a stream (the whole key seeds 
 
 Checkpoint format (``torch.load(weights_only=True)`` safe: tensors, dicts, lists, numbers, strings)::
 
-    {"model": state_dict, "ema": state_dict, "opt": AdamW state, "config": dict (architecture + args),
+    {"model": state_dict, "ema": state_dict, "opt": AdamW state,
+     "config": dict (architecture + args, with "objective" and the model "family" it makes: dit or sit),
      "step": int, "class_to_idx": {name: index}, "rng": {"global_seed", "rule"},
      "timestep_sampler": dict (loss history of the importance sampler; empty when uniform)}
 """
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 from diffusion import DiffusionError, LossWeighting, create_diffusion
+from diffusion.flow import FAMILY_DIT, FAMILY_SIT
+from diffusion.flow_loss import flow_matching_loss, sample_flow_times
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.rng import STREAM_TRAIN_INIT, STREAM_TRAIN_MICRO_BATCH, seed_global_generators, stream_key
 from launch.runtime.command import run_command
@@ -36,6 +39,7 @@ from launch.runtime.errors import EXIT_OK, UserError
 from launch.runtime.files import available_cpus, os_reason
 from models.data import save_torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
+from models.sit import SIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
 
 CUSTOM_MODEL = "custom"
@@ -45,6 +49,9 @@ EMA_WARMUP_OFFSET = 10.0  # warm-up decay min(decay, (1 + step) / (10 + step))
 CHECKPOINT_DIGITS = 7  # checkpoints/0001000.pt, as DiT
 CHECKPOINT_RE = re.compile(r"^(\d+)\.pt$")
 CHECKPOINT_KEYS = ("model", "ema", "opt", "config", "step", "class_to_idx", "rng")
+OBJECTIVE_DIFFUSION, OBJECTIVE_FLOW = "diffusion", "flow"
+OBJECTIVES = (OBJECTIVE_DIFFUSION, OBJECTIVE_FLOW)  # DiT's DDPM objective; SiT's flow matching (family sit)
+OBJECTIVE_FAMILY = {OBJECTIVE_DIFFUSION: FAMILY_DIT, OBJECTIVE_FLOW: FAMILY_SIT}
 PREDICTIONS = ("epsilon", "v")
 SCHEDULES = ("linear", "cosine")
 WEIGHTINGS = ("none", "min_snr", "p2")
@@ -93,7 +100,8 @@ class TrainConfig:
     patch_size: int | None = None
     learn_sigma: bool = True
     class_dropout: float = CLASS_DROPOUT_PROB
-    # diffusion objective
+    # objective: diffusion (DiT's DDPM losses below) or flow (SiT's velocity matching; the flags below unused)
+    objective: str = OBJECTIVE_DIFFUSION
     prediction: str = "epsilon"
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
@@ -139,7 +147,8 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no file: one TrainError line per problem."""
-    choices = {"dataset": DATASETS, "vae": CODEC_CHOICES, "prediction": PREDICTIONS, "noise_schedule": SCHEDULES,
+    choices = {"dataset": DATASETS, "vae": CODEC_CHOICES, "objective": OBJECTIVES, "prediction": PREDICTIONS,
+               "noise_schedule": SCHEDULES,
                "loss_weighting": WEIGHTINGS, "timestep_sampler": TIMESTEP_SAMPLERS, "precision": PRECISIONS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -154,8 +163,10 @@ def validate(cfg: TrainConfig) -> None:
         missing = [k for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(cfg, k) is None]
         if missing:
             raise TrainError(f"--model custom needs {', '.join('--' + k.replace('_', '-') for k in missing)}")
-    elif cfg.model not in DIT_CONFIGS:
-        raise TrainError(f"--model {cfg.model} is unknown; choose one of {', '.join(DIT_CONFIGS)} or custom")
+    elif cfg.model not in DIT_CONFIGS and cfg.model not in SIT_CONFIGS:
+        raise TrainError(f"--model {cfg.model} is unknown; choose one of {', '.join(DIT_CONFIGS)}, "
+                         f"{', '.join(SIT_CONFIGS)} or custom")
+    _validate_objective(cfg)
     if not 0.0 <= cfg.class_dropout < 1.0:
         raise TrainError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
     if not 0.0 <= cfg.ema_decay <= 1.0:
@@ -198,11 +209,30 @@ def validate(cfg: TrainConfig) -> None:
         ) from None
 
 
+def _validate_objective(cfg: TrainConfig) -> None:
+    """The flags that belong to one objective only, and the model names of each family."""
+    flow = cfg.objective == OBJECTIVE_FLOW
+    if flow and cfg.model in DIT_CONFIGS:
+        raise TrainError(f"--objective flow trains a SiT: use --model SiT-{cfg.model.split('-', 1)[1]} or custom")
+    if not flow and cfg.model in SIT_CONFIGS:
+        raise TrainError(f"--model {cfg.model} is a flow-matching model: add --objective flow "
+                         f"(or use --model DiT-{cfg.model.split('-', 1)[1]})")
+    if not flow:
+        return
+    diffusion_only = {"use_kl": cfg.use_kl, "timestep_sampler": cfg.timestep_sampler != "uniform",
+                      "loss_weighting": cfg.loss_weighting != "none", "noise_offset": cfg.noise_offset != 0,
+                      "input_perturbation": cfg.input_perturbation != 0}
+    for flag, given in diffusion_only.items():
+        if given:
+            raise TrainError(f"--{flag.replace('_', '-')} belongs to the diffusion objective; "
+                             "--objective flow trains the velocity with a plain MSE")
+
+
 def architecture(cfg: TrainConfig) -> dict[str, int]:
     """depth, hidden_size, num_heads, patch_size of ``--model`` (or of the custom flags)."""
     if cfg.model == CUSTOM_MODEL:
         return {k: int(getattr(cfg, k)) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
-    return dict(DIT_CONFIGS[cfg.model])
+    return dict({**DIT_CONFIGS, **SIT_CONFIGS}[cfg.model])
 
 
 def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -309,6 +339,20 @@ def diffusion_loss(
     terms["raw_loss"] = terms["loss"].detach()
     if importance is not None:
         terms["loss"] = terms["loss"] * importance
+    return terms
+
+
+def flow_loss(model: Any, x_start: torch.Tensor, model_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-sample flow-matching losses [B] of one micro-batch (SiT's objective, the network in SiT's convention).
+
+    t ~ U[0, 1] and the noise come from the global generators (seeded per micro-batch, as the diffusion
+    loss's); x_t = (1 - t) x + t noise with t = 1 noise, the network sees 1 - t and learns x - noise
+    (``diffusion.flow_loss``). Returns "loss" and "raw_loss" (the same values, detached) like `diffusion_loss`.
+    """
+    t = sample_flow_times(x_start.shape[0], x_start.device)
+    noise = torch.randn_like(x_start)
+    terms = flow_matching_loss(model, x_start, t, noise, FAMILY_SIT, model_kwargs)
+    terms["raw_loss"] = terms["loss"].detach()
     return terms
 
 
@@ -447,13 +491,19 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: str | 
             raise TrainError(
                 f"--resume {path} has {key}={saved.get(key)} but this run has {key}={current.get(key)}"
             )
+    saved_objective = saved.get("objective", OBJECTIVE_DIFFUSION)  # checkpoints from before --objective
+    if saved_objective != current.get("objective", OBJECTIVE_DIFFUSION):
+        raise TrainError(f"--resume {path} was trained with --objective {saved_objective}, "
+                         f"this run has --objective {current.get('objective')}")
 
 
 def checkpoint_config(cfg: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
-    """The stored config: the architecture keys models.checkpoints reads, plus every training argument."""
+    """The stored config: the architecture keys models.checkpoints reads, plus every training argument, and the
+    model family the objective makes (``family``: dit or sit; models.checkpoints samples it accordingly)."""
     config = cfg.to_dict()
     config.update(arch)
     config["model"] = cfg.model
+    config["family"] = OBJECTIVE_FAMILY[cfg.objective]
     return config
 
 

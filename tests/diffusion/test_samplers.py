@@ -127,7 +127,7 @@ def test_ddim_eta0_agrees_with_diffusers_ddim_scheduler(steps, dtype):
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_samples_do_not_depend_on_the_batch(name):
-    sampler = Sampler(name, 5)
+    sampler = Sampler(name, 6)
     model_fn = guided_model(_TinyModel(), 1.5, NUM_CLASSES, "all")
     x_T, noise = _start()
     together = sampler(model_fn, x_T, noise=noise, model_kwargs={"y": LABELS}, clip_denoised=True)
@@ -181,8 +181,14 @@ def test_bad_sampler_settings_are_one_line_errors():
         Sampler("plms", 10)
     with pytest.raises(DiffusionError, match="eta"):
         Sampler("euler", 10, eta=0.5)
-    with pytest.raises(DiffusionError, match="1..1000"):
+    with pytest.raises(DiffusionError, match="unipc needs at least 1 step"):
         Sampler("unipc", 0)
+    with pytest.raises(DiffusionError, match="at most the 1000 training steps"):
+        Sampler("unipc", T + 1)
+    for name, low in (("ddpm", 2), ("ddim", 2), ("euler", 2), ("heun", 6)):
+        with pytest.raises(DiffusionError, match=f"{name} needs at least {low} steps"):
+            Sampler(name, low - 1)
+        Sampler(name, low)
     for name in ("dpm++2m", "unipc", "euler", "heun"):  # every step count up to T works
         Sampler(name, T)
 

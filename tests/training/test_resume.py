@@ -47,7 +47,7 @@ def test_only_rank_0_lists_the_checkpoints(tiny_config, monkeypatch):
     import train
 
     listed = []
-    monkeypatch.setattr(train.T, "latest_checkpoint", lambda results: listed.append(results) or Path("own.pt"))
+    monkeypatch.setattr(train.training, "latest_checkpoint", lambda results: listed.append(results) or Path("own.pt"))
     cfg = tiny_config(resume="auto")
     assert train.resume_path(cfg, Path(cfg.results_dir)) == Path("own.pt") and len(listed) == 1  # rank 0
     # another rank: launch.runtime.dist.rank0_shares hands it rank 0's answer without running the listing
