@@ -9,6 +9,7 @@ from conftest import sampler_args
 from launch import pipeline
 from launch.exits import EXIT_BAD_INPUT
 
+
 @pytest.mark.parametrize("extra, message", [
     (["--ref", "{tmp}/missing.npz"], "missing.npz"),
     (["--ref", "{ref}", "--no-npz"], "--no-npz"),

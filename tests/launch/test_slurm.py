@@ -11,7 +11,8 @@ from pathlib import Path
 
 from conftest import SLURM_DIR
 
-SCRIPTS = ("sample.sbatch", "sample_multinode.sbatch", "evaluate.sbatch")
+SCRIPTS = ("sample.sbatch", "sample_multinode.sbatch", "evaluate.sbatch", "sweep.sbatch")
+RESOURCE_OPTIONS = ("gpus-per-node", "cpus-per-task", "time", "partition")  # the lines a site edits first
 
 
 def sbatch_options(script: str) -> dict[str, str]:
@@ -47,8 +48,22 @@ def test_sbatch_directives_ask_for_requeue_the_warning_signal_and_per_job_logs()
         assert options["job-name"].startswith("dit-")
         assert "requeue" in options
         assert options["ntasks-per-node"] == "1"
-    for script in ("sample.sbatch", "sample_multinode.sbatch"):
+    for script in ("sample.sbatch", "sample_multinode.sbatch", "sweep.sbatch"):
         assert sbatch_options(script)["signal"] == "B:USR1@120"  # to the batch shell, 2 minutes early
+
+
+def test_each_script_starts_with_the_resource_lines_to_edit_and_how_to_check_them():
+    for script in SCRIPTS:
+        lines = (SLURM_DIR / script).read_text().splitlines()
+        directives = [i for i, line in enumerate(lines) if re.match(r"^##?SBATCH", line)]
+        header = lines[1:directives[0]]
+        assert "Edit these lines for your cluster first" in header[0], script
+        assert any(f"sbatch --test-only launch/slurm/{script}" in line for line in header), script
+        (own,) = [i for i, line in enumerate(lines) if line.startswith("# --- The job's own settings")]
+        names = {i: re.match(r"^##?SBATCH\s+--([\w-]+)", lines[i]).group(1) for i in directives}
+        edit = {name for i, name in names.items() if i < own}
+        assert set(RESOURCE_OPTIONS) <= edit, script
+        assert not {name for i, name in names.items() if i > own} & set(RESOURCE_OPTIONS), script
 
 
 def bash(snippet: str, slurm, **env: str) -> subprocess.CompletedProcess:
