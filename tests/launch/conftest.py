@@ -18,8 +18,6 @@ SLURM_DIR = ROOT / "launch" / "slurm"
 TINY_ARCH = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2)
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
-# The preempted jobs: 24 images in 6 batches per rank, slow enough (100 steps) that SIGUSR1 sent after the
-# first PNGs lands well before the end.
 NUM_SAMPLES = 24
 BATCH = 2
 STEPS = 100

@@ -39,6 +39,9 @@ from slurm_cluster import SlurmCluster
 JOBS_TIMEOUT_S = 600
 DIRECT_TIMEOUT_S = 600
 SWEEP_STEPS = 5
+# The preempted jobs: 24 images in 6 batches per rank, 300 steps (~0.6 s a batch on an idle core), so that
+# SIGUSR1 sent once the first PNGs are written lands seconds before the end.
+PREEMPT_STEPS = 300
 EVAL_METRICS = "is,prec,recall"  # FID's 2048x2048 matrix square roots add a minute of CPU and test nothing here
 METRIC_KEYS = ("inception_score", "precision", "recall")
 ADM_LINES = {"inception_score": "Inception Score", "precision": "Precision", "recall": "Recall"}
@@ -134,9 +137,9 @@ def campaign(slurm_cluster: SlurmCluster, tiny_ckpt: Path, ref_npz: Path, incept
         jobs[name] = Job(name, job_id, sample_dir, preempt)
 
     # the preempted jobs first: they also wait for their requeue
-    submit_job("preempted", "sample.sbatch", lambda d: sampler_args(tiny_ckpt, d), preempt=True, NPROC="2")
-    submit_job("multinode", "sample_multinode.sbatch", lambda d: sampler_args(tiny_ckpt, d), ("--nodes=2",),
-               preempt=True, NPROC="1")
+    preempted_args = lambda d: sampler_args(tiny_ckpt, d, steps=PREEMPT_STEPS)  # noqa: E731
+    submit_job("preempted", "sample.sbatch", preempted_args, preempt=True, NPROC="2")
+    submit_job("multinode", "sample_multinode.sbatch", preempted_args, ("--nodes=2",), preempt=True, NPROC="1")
     submit_job("pipeline", "sample.sbatch", pipeline_args, NPROC="2", DIT_PROGRAM="-m launch.pipeline")
     # evaluate.sbatch on the pipeline job's .npz, once that job has ended well (SLURM's dependency)
     pipeline_npz = f"{planned_run_dir(sampler_args(tiny_ckpt, base / 'pipeline', n=EVAL_IMAGES, steps=EVAL_STEPS))}.npz"
@@ -150,8 +153,7 @@ def campaign(slurm_cluster: SlurmCluster, tiny_ckpt: Path, ref_npz: Path, incept
                DIT_PROGRAM=str(RANK_FAILS))
 
     direct = {
-        "sample": start_direct(["sample_ddp.py", *sampler_args(tiny_ckpt, base / "direct-sample")], env,
-                               base / "direct-sample"),
+        "sample": start_direct(["sample_ddp.py", *preempted_args(base / "direct-sample")], env, base / "direct-sample"),
         "pipeline": start_direct(["-m", "launch.pipeline", *pipeline_args(base / "direct-pipeline")], env,
                                  base / "direct-pipeline"),
         "sweep": start_direct(["-m", "launch.sweep", *sweep_args(base / "direct-sweep")], env, base / "direct-sweep"),
