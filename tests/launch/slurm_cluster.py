@@ -46,8 +46,16 @@ class Unavailable(Exception):
     """SLURM cannot run here; the message is one line saying why."""
 
 
+SBIN = "/usr/sbin"  # the daemons' folder, often not on a user's PATH
+
+
+def command(name: str) -> str | None:
+    """The path of a SLURM or munge command, or None."""
+    return shutil.which(name) or shutil.which(name, path=SBIN)
+
+
 def missing_commands() -> list[str]:
-    return [c for c in COMMANDS if shutil.which(c) is None and not Path("/usr/sbin", c).exists()]
+    return [c for c in COMMANDS if command(c) is None]
 
 
 def ensure_installed() -> None:
@@ -58,8 +66,7 @@ def ensure_installed() -> None:
     if not missing_commands():
         return
     if shutil.which("apt-get") is None:
-        raise Unavailable(f"{', '.join(missing_commands())} missing and not root with apt-get to install "
-                          f"{' '.join(PACKAGES)}")
+        raise Unavailable(f"{', '.join(missing_commands())} missing and no apt-get to install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
@@ -71,14 +78,15 @@ def ensure_installed() -> None:
 
 
 def node_names() -> tuple[str, str]:
-    """Two node names that resolve to this host: its name and `localhost`."""
+    """Two node names that resolve to this host: its name and `localhost` (torchrun's rendezvous is given the
+    first node's name; slurmd and srun reach both nodes at 127.0.0.1)."""
     host = socket.gethostname().split(".")[0]
+    if host == "localhost":
+        raise Unavailable("the host is called localhost: the two nodes need two names")
     try:
-        addresses = {socket.gethostbyname(host), socket.gethostbyname("localhost")}
+        socket.gethostbyname(host)
     except OSError as exc:
-        raise Unavailable(f"host name {host} does not resolve ({exc}); the two nodes need two names") from exc
-    if host == "localhost" or not all(a.startswith("127.") for a in addresses):
-        raise Unavailable(f"host name {host} does not resolve to a loopback address besides localhost")
+        raise Unavailable(f"host name {host} does not resolve ({exc}); the nodes are named after it") from exc
     return host, "localhost"
 
 
@@ -200,13 +208,13 @@ class SlurmCluster:
 
     def _start_daemons(self) -> None:
         d = self.dir
-        self._daemon(["munged", "--foreground", f"--key-file={d}/munge/munge.key",
+        self._daemon([command("munged"), "--foreground", f"--key-file={d}/munge/munge.key",
                       f"--socket={d}/munge/munge.socket", f"--pid-file={d}/munge/munged.pid",
                       f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/munged.seed"], "munged.out")
         self._wait(lambda: (d / "munge" / "munge.socket").exists(), "munged's socket")
-        self._daemon(["slurmctld", "-D", "-f", str(self.conf)], "slurmctld.out")
+        self._daemon([command("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld.out")
         for node in self.nodes:
-            self._daemon(["slurmd", "-D", "-f", str(self.conf), "-N", node], f"slurmd-{node}.out")
+            self._daemon([command("slurmd"), "-D", "-f", str(self.conf), "-N", node], f"slurmd-{node}.out")
         self._wait(self._nodes_idle, "both nodes idle")
 
     def _nodes_idle(self) -> bool:

@@ -70,11 +70,11 @@ class Job:
 
 @dataclass
 class Direct:
-    """A run of the same command without SLURM (one process)."""
+    """A run of the same command without SLURM (one process), its output in `log`."""
 
     proc: subprocess.Popen
     sample_dir: Path
-    output: str = ""
+    log: Path
 
     @property
     def npz(self) -> Path:
@@ -108,9 +108,10 @@ def planned_run_dir(args: list[str]) -> Path:
 
 
 def start_direct(cmd: list[str], env: dict[str, str], sample_dir: Path) -> Direct:
-    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    return Direct(proc, sample_dir)
+    log = Path(f"{sample_dir}.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return Direct(proc, sample_dir, log)
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +123,18 @@ def campaign(slurm_cluster: SlurmCluster, tiny_ckpt: Path, ref_npz: Path, incept
     (submit / "logs").mkdir(parents=True)
     env = job_env(slurm_cluster, base / "cache")
     eval_args = ["--inception-weights", str(inception_weights), "--metrics", EVAL_METRICS]
-    pipeline_args = lambda d: ["--ref", str(ref_npz), "--eval-batch-size", "8", "--no-eval-cache", *eval_args,  # noqa: E731
-                               *sampler_args(tiny_ckpt, d, n=EVAL_IMAGES, steps=EVAL_STEPS)]
-    sweep_args = lambda d: [*sampler_args(tiny_ckpt, d, n=EVAL_IMAGES, steps=SWEEP_STEPS), "--ref", str(ref_npz),  # noqa: E731
-                            "--no-eval-cache", "--shard-size", str(BATCH), "--save", "npz", *eval_args,
-                            "--cfg-scales", "1.5,3"]
+
+    def preempted_args(d: Path) -> list[str]:
+        return sampler_args(tiny_ckpt, d, steps=PREEMPT_STEPS)
+
+    def pipeline_args(d: Path) -> list[str]:
+        return ["--ref", str(ref_npz), "--eval-batch-size", "8", "--no-eval-cache", *eval_args,
+                *sampler_args(tiny_ckpt, d, n=EVAL_IMAGES, steps=EVAL_STEPS)]
+
+    def sweep_args(d: Path) -> list[str]:
+        return [*sampler_args(tiny_ckpt, d, n=EVAL_IMAGES, steps=SWEEP_STEPS), "--ref", str(ref_npz),
+                "--no-eval-cache", "--shard-size", str(BATCH), "--save", "npz", *eval_args, "--cfg-scales", "1.5,3"]
+
     jobs: dict[str, Job] = {}
 
     def submit_job(name: str, script: str, args_of: Callable[[Path], list[str]], options: tuple[str, ...] = (),
@@ -137,12 +145,11 @@ def campaign(slurm_cluster: SlurmCluster, tiny_ckpt: Path, ref_npz: Path, incept
         jobs[name] = Job(name, job_id, sample_dir, preempt)
 
     # the preempted jobs first: they also wait for their requeue
-    preempted_args = lambda d: sampler_args(tiny_ckpt, d, steps=PREEMPT_STEPS)  # noqa: E731
     submit_job("preempted", "sample.sbatch", preempted_args, preempt=True, NPROC="2")
     submit_job("multinode", "sample_multinode.sbatch", preempted_args, ("--nodes=2",), preempt=True, NPROC="1")
     submit_job("pipeline", "sample.sbatch", pipeline_args, NPROC="2", DIT_PROGRAM="-m launch.pipeline")
     # evaluate.sbatch on the pipeline job's .npz, once that job has ended well (SLURM's dependency)
-    pipeline_npz = f"{planned_run_dir(sampler_args(tiny_ckpt, base / 'pipeline', n=EVAL_IMAGES, steps=EVAL_STEPS))}.npz"
+    pipeline_npz = f"{planned_run_dir(pipeline_args(base / 'pipeline'))}.npz"
     submit_job("evaluate", "evaluate.sbatch",
                lambda d: [str(ref_npz), pipeline_npz, "--json", str(d / "metrics.json"), "--batch-size", "8",
                           "--no-cache", *eval_args],
@@ -169,19 +176,21 @@ def campaign(slurm_cluster: SlurmCluster, tiny_ckpt: Path, ref_npz: Path, incept
 
     try:
         records = slurm_cluster.wait(ids, JOBS_TIMEOUT_S, on_poll)
+        for run in direct.values():
+            run.proc.wait(timeout=DIRECT_TIMEOUT_S)
+    except (TimeoutError, subprocess.TimeoutExpired) as exc:
+        raise AssertionError(f"{exc}; the jobs' logs are in {submit / 'logs'}") from exc
     finally:
         for run in direct.values():
-            try:
-                run.output = run.proc.communicate(timeout=DIRECT_TIMEOUT_S)[0]
-            finally:
-                if run.proc.poll() is None:
-                    run.proc.kill()
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
     for job in jobs.values():
         job.record = records[job.id]
         log = submit / "logs" / f"{job.record['JobName']}-{job.id}.out"
         job.log = log.read_text() if log.exists() else f"<no log {log}>"
     for name, run in direct.items():
-        assert run.proc.returncode == 0, f"direct {name}: {run.output[-3000:]}"
+        assert run.proc.returncode == 0, f"direct {name}: {run.log.read_text()[-3000:]}"
     wall = time.monotonic() - t0
     SLURM_SUMMARY.append(f"real SLURM cluster: {len(jobs)} jobs and {len(direct)} direct runs in {wall:.0f} s")
     return Campaign(jobs, direct, wall)
