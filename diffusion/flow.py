@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion.samplers import SAMPLER_NAMES
 from diffusion.loop import ModelFn, model_for_timestep, open_noise
+from diffusion.samplers import SAMPLER_NAMES
 from diffusion.schedules import DiffusionError
 
 FAMILY_DIT, FAMILY_SIT, FAMILY_REPA = "dit", "sit", "repa"

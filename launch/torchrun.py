@@ -5,7 +5,9 @@
 - SIGUSR1 sent to this launcher (SLURM's `--signal=USR1@...` without `B:`, or `kill -USR1` on the job's
   main process) is passed on to the workers, which finish their batch and exit 3. Plain torchrun has no
   handler for SIGUSR1: the signal kills it and orphans its workers. SIGTERM and SIGINT are torchrun's own:
-  it passes them to the workers (which stop as on SIGUSR1) and kills what is left after 30 s.
+  it passes them to the workers (which stop as on SIGUSR1) and kills what is left after 30 s; then this
+  launcher exits 128 + the signal's number with one line, not a traceback (srun's kill-on-bad-exit
+  ends the other nodes' launchers with SIGTERM when one node fails).
 
 The sbatch scripts of launch/slurm/ start every job through it (TORCHRUN overrides).
 """
@@ -19,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
@@ -53,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChildFailedError as exc:
         code = exc.get_first_failure()[1].exitcode
         return code if 0 < code < SIGNAL_EXIT_BASE else EXIT_FAILED
+    except SignalException as exc:
+        name = signal.Signals(exc.sigval).name
+        print(f"launch.torchrun: stopped by {name} (passed on to the workers)", file=sys.stderr, flush=True)
+        return SIGNAL_EXIT_BASE + int(exc.sigval)
     return 0
 
 

@@ -12,6 +12,8 @@
 
 DIT_EXIT_BAD_INPUT=2  # sample_ddp.py / evaluator: a bad flag or file; a rerun cannot help
 DIT_EXIT_PREEMPTED=3  # sample_ddp.py stopped on SIGUSR1 after writing its in-flight PNGs
+DIT_EXIT_FAILED=1     # a rank failed
+DIT_SIGNAL_EXIT_BASE=128  # exit codes above: killed by signal (code - 128)
 DIT_PORT_BASE=15000   # rendezvous ports: DIT_PORT_BASE + job id % DIT_PORT_SPAN, below the ephemeral range
 DIT_PORT_SPAN=15000
 DIT_PORT_TRIES=32     # ports probed upwards from there
@@ -179,14 +181,23 @@ EOF
 
 # One node's share of a multi-node job: torchrun with one process per local GPU joining the c10d
 # rendezvous; SIGUSR1 (forwarded by srun) goes on to the workers. Exits with torchrun's exit code.
+#
+# srun exits with the highest exit code of its tasks, a task killed by a signal counting as 128 + N; and when
+# one node's task fails, srun (--kill-on-bad-exit) sends SIGTERM to every process of the other nodes. So this
+# task outlives SIGTERM (torchrun and its workers get it from srun themselves), waits for torchrun, and reports
+# a torchrun stopped by a signal as DIT_EXIT_FAILED: srun's exit code is then the failed node's own (1 failed,
+# 2 bad input, 3 preempted), not 143.
 dit_node_task() {  # ENDPOINT NNODES PROGRAM... ARGS...
-  local endpoint=$1 nnodes=$2 nproc
+  local endpoint=$1 nnodes=$2 nproc rc
   shift 2
   dit_setup
   nproc=$(dit_gpu_count) || exit "$DIT_EXIT_BAD_INPUT"
+  trap 'DIT_WOKEN=1; dit_log "SIGTERM: the step is ending (another node stopped, failed or the job was cancelled); waiting for torchrun"' TERM
   dit_supervise children "${DIT_LAUNCHER[@]}" --nnodes="$nnodes" --nproc_per_node="$nproc" \
     --rdzv_backend=c10d --rdzv_endpoint="$endpoint" --rdzv_id="${SLURM_JOB_ID:-dit}" "$@"
-  exit $?
+  rc=$?
+  (( rc < DIT_SIGNAL_EXIT_BASE )) || rc=$DIT_EXIT_FAILED
+  exit "$rc"
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # executed (by srun), not sourced

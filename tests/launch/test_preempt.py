@@ -1,61 +1,74 @@
-"""sample.sbatch on one node with 2 ranks, preempted as SLURM does it (SIGUSR1 to the batch shell); the
-requeued job (same id) resumes and ends with the .npz of an uninterrupted job (2 nodes x 1 rank), byte
-for byte."""
+"""launch.runtime.preempt in a child process sent real signals: one signal is acted on once however many copies
+arrive (srun passes SIGUSR1 to every process of its step, and the node task and the launcher pass it on
+again); a later SIGINT or SIGTERM, like a person's second Ctrl-C, still stops at once. The jobs under a real
+srun: test_slurm_jobs.py."""
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-from pathlib import Path
+import subprocess
+import sys
+import textwrap
 
-import numpy as np
-from conftest import JOB_TIMEOUT_S, NUM_SAMPLES, run_dir_of, sampler_args, wait_for
-from PIL import Image
+from conftest import ROOT
+
+from launch.runtime.preempt import REPEAT_WINDOW_S
 
 EXIT_PREEMPTED = 3
+TIMEOUT_S = 60
+APART_S = 1.5 * REPEAT_WINDOW_S  # two separate signals
+# The child: install the handlers, then send itself SIGNALS (name, pause after it in s), then report.
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from launch.runtime import preempt
+    preempt.install()
+    for name, pause in {signals!r}:
+        os.kill(os.getpid(), getattr(signal, name))
+        time.sleep(pause)
+    print(f"still running, requested={{preempt.requested()}}", flush=True)
+""")
 
 
-def decode(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im.load()  # raises on a truncated file
-        return np.asarray(im.convert("RGB"))
+def send(signals: list[tuple[str, float]]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CHILD.format(signals=signals)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
 
 
-def test_sigusr1_stops_requeues_and_the_requeued_job_completes_the_same_npz(fake_slurm, tiny_ckpt,
-                                                                            reference_job, tmp_path):
-    job_id = "3003"
-    sample_dir = tmp_path / "samples"
-    args = sampler_args(tiny_ckpt, sample_dir)
-    job = fake_slurm.start("sample.sbatch", args, FAKE_JOB_ID=job_id)
-    try:
-        wait_for(lambda: any(sample_dir.glob("*/[0-9]*.png")), JOB_TIMEOUT_S, "the first PNG")
-        os.kill(job.pid, signal.SIGUSR1)  # --signal=B:USR1: to the batch shell only
-        code = job.wait(timeout=JOB_TIMEOUT_S)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    log = fake_slurm.log("dit-sample", job_id)
-    assert code == EXIT_PREEMPTED, log[-4000:]
-    assert fake_slurm.calls("requeue.log") == [f"requeue {job_id}"]
-    assert "SIGUSR1" in log and "preemption signal received" in log
-    assert "2 process(es)" in log and "--standalone --nproc_per_node=2" in log
+def received(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if " received: " in line]
 
-    run = run_dir_of(sample_dir)
-    written = sorted(run.glob("[0-9]*.png"))
-    assert 0 < len(written) < NUM_SAMPLES, len(written)
-    assert not list(run.glob(".*.tmp-*"))  # the writes in flight were finished, none abandoned
-    assert not Path(f"{run}.npz").exists()
-    reference = reference_job.run_dir
-    for png in written:  # every file decodes completely and is the image the uninterrupted job drew
-        np.testing.assert_array_equal(decode(png), decode(reference / png.name))
 
-    # the requeued job: same id, same command
-    proc = fake_slurm.submit("sample.sbatch", args, FAKE_JOB_ID=job_id, SLURM_RESTART_COUNT="1")
-    log = fake_slurm.log("dit-sample", job_id)
-    assert proc.returncode == 0, log[-4000:]
-    assert "restart 1" in log
-    m = re.search(r"(\d+) of (\d+) images present, (\d+) to sample", log.split("restart 1", 1)[1])
-    assert m and (int(m.group(1)), int(m.group(3))) == (len(written), NUM_SAMPLES - len(written))
-    assert fake_slurm.calls("requeue.log") == [f"requeue {job_id}"]  # no second requeue
-    assert Path(f"{run}.npz").read_bytes() == reference_job.npz.read_bytes()
+def test_copies_of_one_warning_are_acted_on_once():
+    proc = send([("SIGUSR1", 0.0), ("SIGUSR1", 0.0), ("SIGUSR1", 0.05)])  # as under srun: 1 to 3 copies
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "still running, requested=True"
+    assert received(proc) == ["SIGUSR1 received: stopping after the current batch "
+                              "(a later SIGINT or SIGTERM stops at once)"]
+    assert "stopping now" not in proc.stderr
+
+
+def test_a_repeated_warning_never_stops_at_once_even_much_later():
+    proc = send([("SIGUSR1", APART_S), ("SIGUSR1", 0.05)])
+    assert proc.returncode == 0 and len(received(proc)) == 1, proc.stderr
+
+
+def test_copies_of_one_interrupt_are_acted_on_once():
+    """Ctrl-C in a terminal reaches the worker from the terminal and again from torchrun."""
+    for name in ("SIGINT", "SIGTERM"):
+        proc = send([(name, 0.0), (name, 0.05)])
+        assert proc.returncode == 0, proc.stderr
+        assert [line.split()[0] for line in received(proc)] == [name]
+
+
+def test_a_second_interrupt_later_stops_at_once():
+    proc = send([("SIGINT", APART_S), ("SIGINT", TIMEOUT_S / 2)])  # a person pressing Ctrl-C twice
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines()[-1] == ("SIGINT after the stop request: stopping now; rerun the same command "
+                                            "to resume")
+
+
+def test_an_interrupt_after_the_warning_stops_at_once():
+    """The scheduler's SIGTERM at the time limit, after its SIGUSR1 warning, or a Ctrl-C: no need to wait."""
+    proc = send([("SIGUSR1", 0.05), ("SIGTERM", TIMEOUT_S / 2)])
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert "SIGTERM after the stop request: stopping now" in proc.stderr

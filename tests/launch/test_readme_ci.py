@@ -23,3 +23,12 @@ def test_both_commands_pin_torch_before_the_project():
     for command in readme_commands()[:2]:
         torch_at = command.index("torch==2.14.1 torchvision==0.29.1")
         assert torch_at < command.index("pip install -q -e")
+
+
+def test_ci_installs_the_packages_of_the_real_slurm_cluster_before_the_suite():
+    from slurm_cluster import PACKAGES
+
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    (install,) = [i for i, line in enumerate(lines) if "apt-get install" in line]
+    assert set(PACKAGES) <= set(re.findall(r"[\w.-]+", lines[install]))
+    assert install < lines.index(readme_commands()[1])

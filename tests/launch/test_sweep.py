@@ -1,6 +1,6 @@
 """`python -m launch.sweep`: a grid of sampling runs with one model and one Inception load per process,
-sweep.json/.csv/.png, resumable point by point. In this process with the stand-in network (fast, loads counted),
-and as sweep.sbatch under a fake SLURM with torchrun and the real Inception architecture."""
+sweep.json/.csv/.png, resumable point by point. In this process with the stand-in network (fast, loads counted);
+sweep.sbatch with torchrun and the real Inception architecture runs on the real SLURM cluster (test_slurm_jobs.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BATCH, EVAL_IMAGES, sampler_args
+from conftest import BATCH, sampler_args
 from fake_inception import StandInExtractor
 from PIL import Image
 
@@ -130,24 +130,3 @@ def test_bad_grids_fail_in_one_line_before_any_work(extra, message, in_process, 
     err = capsys.readouterr().err.strip()
     assert code == EXIT_BAD_INPUT and err.startswith("error: ") and "\n" not in err and message in err
     assert in_process == {"network": 0, "inception": 0} and not (tmp_path / "s").exists()
-
-
-def test_sweep_sbatch_under_torchrun(fake_slurm, tiny_ckpt, ref_npz, inception_weights, tmp_path):
-    """sweep.sbatch: 2 ranks, the real Inception architecture (random weights), --save none by default."""
-    sample_dir = tmp_path / "samples"
-    args = [*sampler_args(tiny_ckpt, sample_dir, n=EVAL_IMAGES, steps=STEPS), "--ref", str(ref_npz),
-            "--inception-weights", str(inception_weights), "--no-eval-cache", "--metrics", "is,prec,recall",
-            "--cfg-scales", "1.5,3"]
-    proc = fake_slurm.submit("sweep.sbatch", args, FAKE_JOB_ID="6006")
-    log = fake_slurm.log("dit-sweep", "6006")
-    assert proc.returncode == 0, log[-4000:]
-    rows = rows_of(sample_dir)
-    assert [r["cfg_scale"] for r in rows] == [1.5, 3.0]
-    for row in rows:
-        report = json.loads(Path(row["metrics_json"]).read_text())
-        assert report["world_size"] == 2 and report["sample_batch"] is None
-        assert row["inception_score"] == report["inception_score"] > 1
-        run = Path(row["run_dir"])
-        assert not list(run.glob("[0-9]*.png")) and (run / "grid.png").exists()
-    assert (sample_dir / "sweep.png").stat().st_size > 0
-    assert "sweep point 2/2" in log
