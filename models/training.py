@@ -30,10 +30,19 @@ import torch
 from torch import nn
 
 from diffusion import DiffusionError, LossWeighting, create_diffusion
-from diffusion.flow import FAMILY_DIT, FAMILY_SIT
+from diffusion.flow import EULER, FAMILY_DIT, FAMILY_SIT, check_sampler
 from diffusion.flow_loss import flow_matching_loss, sample_flow_times
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.rng import STREAM_TRAIN_INIT, STREAM_TRAIN_MICRO_BATCH, seed_global_generators, stream_key
+from diffusion.guidance import CHANNEL_MODES, CHANNELS_FIRST3
+from diffusion.rng import (
+    BALANCED_LABELS,
+    LABEL_SAMPLING,
+    STREAM_TRAIN_INIT,
+    STREAM_TRAIN_MICRO_BATCH,
+    seed_global_generators,
+    stream_key,
+)
+from diffusion.samplers import DDIM
 from launch.runtime.command import run_command
 from launch.runtime.errors import EXIT_OK, UserError
 from launch.runtime.files import available_cpus, os_reason
@@ -61,6 +70,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_AUTO = "auto"
 RESUME_NONE = "none"
 AUTO_WORKERS_MAX = 8  # image decoding keeps a GPU fed with a few workers; more only cost memory and start-up
+# The evaluation during training (train.py --eval-every): a quick number from the EMA weights, sampled and scored
+# through the sampling library exactly as sample_ddp.py would score that step's checkpoint.
+DEFAULT_EVAL_SAMPLES = 10_000
+DEFAULT_EVAL_STEPS = 25  # DDIM-25 (DiT) or Euler-25 (flow): deterministic, 10x cheaper than DDPM-250
+EVAL_SAMPLERS = {OBJECTIVE_DIFFUSION: DDIM, OBJECTIVE_FLOW: EULER}  # the default --eval-sampler per objective
+DEFAULT_EVAL_BATCH = 32  # images per process per batch (sample_ddp.py's --per-proc-batch-size default)
 ARCH_KEYS = (
     "depth",
     "hidden_size",
@@ -140,6 +155,22 @@ class TrainConfig:
     progress: bool = True
     dist_timeout: float = 600.0
     tf32: bool = True
+    # evaluation during training (sampling library; None: the sampler's or the evaluator's default)
+    eval_every: int = 0  # 0: never
+    eval_ref: str | None = None
+    eval_samples: int = DEFAULT_EVAL_SAMPLES
+    eval_sampler: str | None = None  # None: EVAL_SAMPLERS[objective]
+    eval_steps: int = DEFAULT_EVAL_STEPS
+    eval_cfg_scale: float = 1.0
+    eval_guidance_channels: str = CHANNELS_FIRST3
+    eval_label_sampling: str = BALANCED_LABELS
+    eval_seed: int = 0
+    eval_metrics: str | None = None  # None: the evaluator's default set
+    eval_batch_size: int = DEFAULT_EVAL_BATCH
+    eval_precision: str = "fp32"
+    eval_save: str = "none"
+    eval_inception_weights: str | None = None
+    eval_cache_dir: str | None = None  # None: the evaluator's reference cache
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +198,7 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainError(f"--model {cfg.model} is unknown; choose one of {', '.join(DIT_CONFIGS)}, "
                          f"{', '.join(SIT_CONFIGS)} or custom")
     _validate_objective(cfg)
+    _validate_evaluation(cfg)
     if not 0.0 <= cfg.class_dropout < 1.0:
         raise TrainError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
     if not 0.0 <= cfg.ema_decay <= 1.0:
@@ -226,6 +258,38 @@ def _validate_objective(cfg: TrainConfig) -> None:
         if given:
             raise TrainError(f"--{flag.replace('_', '-')} belongs to the diffusion objective; "
                              "--objective flow trains the velocity with a plain MSE")
+
+
+def eval_sampler(cfg: TrainConfig) -> str:
+    """The evaluation's sampler: --eval-sampler, or the objective's default (ddim for DiT, euler for flow)."""
+    return cfg.eval_sampler or EVAL_SAMPLERS[cfg.objective]
+
+
+def _validate_evaluation(cfg: TrainConfig) -> None:
+    """The --eval-* flags that need no file (the reference and the metrics are checked by sampling.evaluate)."""
+    if cfg.eval_every < 0:
+        raise TrainError(f"--eval-every must be >= 0 (0: no evaluation), got {cfg.eval_every}")
+    if not cfg.eval_every:
+        if cfg.eval_ref:
+            raise TrainError("--eval-ref is the reference of --eval-every STEPS: pass both, or neither")
+        return
+    if not cfg.eval_ref:
+        raise TrainError("--eval-every needs --eval-ref REF.npz, the reference batch to score the samples against "
+                         "(e.g. built by python -m evaluation.reference from the training images)")
+    for name in ("eval_samples", "eval_steps", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    choices = {"eval_guidance_channels": CHANNEL_MODES, "eval_label_sampling": LABEL_SAMPLING}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not one of {', '.join(allowed)}")
+    try:
+        check_sampler(eval_sampler(cfg), OBJECTIVE_FAMILY[cfg.objective])
+    except DiffusionError as e:
+        raise TrainError(f"--eval-sampler {eval_sampler(cfg)}: {e} (--objective {cfg.objective})") from None
+    if cfg.eval_cfg_scale > 1 and cfg.class_dropout == 0:
+        raise TrainError(f"--eval-cfg-scale {cfg.eval_cfg_scale:g} needs the null label, which --class-dropout 0 "
+                         "never trains; use --eval-cfg-scale 1")
 
 
 def architecture(cfg: TrainConfig) -> dict[str, int]:

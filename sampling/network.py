@@ -1,5 +1,6 @@
-"""What sampling runs on, loaded once per process: the model and its codec (`load_network`), and the sampler over
-the checkpoint's own noise schedule (`build_sampler`)."""
+"""What sampling runs on, loaded once per process: the model and its codec (`load_network`, or a `Network` made
+directly from a model in memory, as train.py's evaluation does), and the sampler of the checkpoint's family over
+its own noise schedule (`build_sampler`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion import DEFAULT_DIFFUSION_STEPS, DiffusionError
+from diffusion.flow import FAMILY_DIT, FLOW_FAMILIES, FlowSampler, check_sampler
 from diffusion.samplers import DDIM, Sampler
 from launch.runtime import dist
 from models.checkpoints import build_model, checkpoint_channels, load_checkpoint, official_checkpoint
@@ -20,7 +22,7 @@ from sampling.config import ConfigError, SampleConfig
 @dataclass
 class Network:
     """The model (eval mode, on the device, compiled with --compile), its codec, the checkpoint file it came from
-    and what that file says about its training (`meta`: config, class map)."""
+    and what that file says about its training (`meta`: config, class map, and ``family``: dit, sit or repa)."""
 
     model: torch.nn.Module
     codec: Codec
@@ -102,8 +104,19 @@ def trained_objective(meta: dict) -> dict:
             "diffusion_steps": int(config.get("diffusion_steps", DEFAULT_DIFFUSION_STEPS))}
 
 
-def build_sampler(cfg: SampleConfig, network: Network) -> Sampler:
-    """The --sampler on the checkpoint's own noise schedule and prediction type."""
+FLOW_TIME_MAX = 1.0  # the flow samplers' clock runs from t = 1 (noise) to 0 (data)
+
+
+def build_sampler(cfg: SampleConfig, network: Network) -> Sampler | FlowSampler:
+    """The --sampler of the checkpoint's family: a DDPM-family sampler on the checkpoint's own noise schedule and
+    prediction type (dit), or a flow sampler in the family's time convention (sit, repa)."""
+    family = network.meta.get("family", FAMILY_DIT)
+    try:
+        check_sampler(cfg.sampler, family)
+    except DiffusionError as exc:
+        raise ConfigError(f"--sampler {cfg.sampler}: {exc}") from None
+    if family in FLOW_FAMILIES:
+        return _flow_sampler(cfg, family)
     objective = trained_objective(network.meta)
     if cfg.guidance_interval is not None and cfg.guidance_interval[1] > objective["diffusion_steps"] - 1:
         raise ConfigError(f"--guidance-interval {cfg.guidance_interval[0]:g} {cfg.guidance_interval[1]:g}: the "
@@ -111,5 +124,16 @@ def build_sampler(cfg: SampleConfig, network: Network) -> Sampler:
     try:
         return Sampler(cfg.sampler, cfg.num_sampling_steps, learn_sigma=network.model.learn_sigma,
                        eta=cfg.ddim_eta if cfg.sampler == DDIM else 0.0, **objective)
+    except DiffusionError as exc:
+        raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None
+
+
+def _flow_sampler(cfg: SampleConfig, family: str) -> FlowSampler:
+    """A flow sampler; the guidance interval is on its clock (t = 1 noise, REPA's guidance_low/high)."""
+    if cfg.guidance_interval is not None and cfg.guidance_interval[1] > FLOW_TIME_MAX:
+        raise ConfigError(f"--guidance-interval {cfg.guidance_interval[0]:g} {cfg.guidance_interval[1]:g}: a flow "
+                          f"model's time runs from 0 (data) to {FLOW_TIME_MAX:g} (noise)")
+    try:
+        return FlowSampler(cfg.sampler, cfg.num_sampling_steps, family=family)
     except DiffusionError as exc:
         raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from diffusion.guidance import CHANNEL_MODES
 from diffusion.rng import LABEL_SAMPLING, MAX_GLOBAL_SEED
-from diffusion.samplers import SAMPLER_NAMES
 from evaluation.cli import HelpFormatter, add_metric_args
 from evaluation.run_metrics import check_reference, check_run_inputs
 from models.checkpoints import CUSTOM_MODEL
 from models.dit import DiT_models
 from models.vae import CODEC_CHOICES
 from sampling.config import (
+    ALL_SAMPLERS,
     COMPILE_MODES,
     PRECISIONS,
     SAVE_CHOICES,
@@ -51,8 +51,10 @@ def build_parser(description: str, epilog: str, prog: str | None = None,
     add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
     add("--ckpt", default=d.ckpt, help="DiT checkpoint (.pt/.safetensors); default: official DiT-XL/2 download")
     add("--allow-pickle", action="store_true", help="load checkpoints that need full unpickling (trusted only)")
-    add("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
-        help="ddpm (ancestral, the DiT protocol), ddim, or diffusers' dpm++2m, dpm++2m-sde, unipc, euler, heun")
+    add("--sampler", choices=ALL_SAMPLERS, default=d.sampler,
+        help="DiT checkpoints: ddpm (ancestral, the DiT protocol), ddim, or diffusers' dpm++2m, dpm++2m-sde, "
+             "unipc, euler, heun; flow-matching (SiT, REPA) checkpoints: euler, heun, euler-maruyama, dopri5, "
+             "dpm++2m, unipc")
     add("--ddim-eta", type=float, default=d.ddim_eta, help="DDIM eta (0 = deterministic, at most 1)")
     add("--guidance-channels", choices=CHANNEL_MODES, default=d.guidance_channels,
         help="first3 reproduces the DiT paper; all is the standard form")
@@ -108,3 +110,31 @@ def check_evaluation(cfg: SampleConfig) -> None:
         raise ConfigError(f"--inception-weights {cfg.inception_weights}: no such file")
     reference, metrics = check_reference(cfg.ref, cfg.metrics)
     check_run_inputs(reference, metrics, cfg.run_dir, cfg.num_fid_samples, cfg.image_size, cfg.bootstrap)
+
+
+def command_line(cfg: SampleConfig, fields: list[str]) -> list[str]:
+    """The flags of `build_parser` that give `cfg`'s value of each of `fields` (None values left out), in the
+    parser's order: what to append to `sample_ddp.py` to make that configuration again."""
+    parser = build_parser("", "")
+    wanted = set(fields)
+    unknown = wanted - {f.name for f in dataclasses.fields(SampleConfig)}
+    if unknown:
+        raise ValueError(f"not SampleConfig fields: {', '.join(sorted(unknown))}")
+    argv: list[str] = []
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps no public list of its actions
+        if action.dest not in wanted or not action.option_strings:
+            continue
+        value = getattr(cfg, action.dest)
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:  # store_true
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            argv += [flag, *(repr(v) if isinstance(v, float) else str(v) for v in
+                            (value if isinstance(value, (tuple, list)) else [value]))]
+        wanted.discard(action.dest)
+    if wanted:
+        raise ValueError(f"no sampler flag sets {', '.join(sorted(wanted))}")
+    return argv
