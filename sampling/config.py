@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from diffusion import DiffusionError
-from diffusion.flow import FAMILY_DIT, FAMILY_SIT, FLOW_SAMPLER_NAMES, samplers_for
-from diffusion.flow import MIN_STEPS as FLOW_MIN_STEPS
 from diffusion.rng import MAX_GLOBAL_SEED, MAX_SAMPLES_PER_SEED
 from diffusion.samplers import DDIM, SAMPLER_NAMES, check_steps
 from evaluation.bootstrap import check_bootstrap
@@ -39,9 +37,6 @@ MAX_ETA = 1.0  # DDIM's eta beyond 1 asks for more noise than the step has: sqrt
 # split over --global-seed values, whose streams never overlap.
 MAX_NUM_SAMPLES = MAX_SAMPLES_PER_SEED
 SAVE_PNG, SAVE_NPZ, SAVE_NONE = "png", "npz", "none"
-# --sampler choices: the DDPM family's (DiT) and the flow samplers (SiT, REPA); which apply is the checkpoint's
-# family's business (sampling.network.build_sampler), known once the file is read
-ALL_SAMPLERS = tuple(dict.fromkeys((*SAMPLER_NAMES, *FLOW_SAMPLER_NAMES)))
 SAVE_CHOICES = (SAVE_PNG, SAVE_NPZ, SAVE_NONE)
 DEFAULT_BLOCK_IMAGES = 512  # images per image shard and feature block and rank: a SIGKILL loses at most this many
 
@@ -161,27 +156,10 @@ def _check_guidance(cfg: SampleConfig, scale_flag: str, interval_flag: str) -> N
 def _check_sampler(cfg: SampleConfig, steps_flag: str) -> None:
     if not (math.isfinite(cfg.ddim_eta) and 0 <= cfg.ddim_eta <= MAX_ETA):
         raise ConfigError(f"--ddim-eta must be in [0, {MAX_ETA:g}], got {cfg.ddim_eta}")
-    check_sampler_steps(cfg.sampler, cfg.num_sampling_steps, steps_flag)
-
-
-def check_sampler_steps(name: str, steps: int, steps_flag: str, family: str | None = None) -> None:
-    """`steps` is enough for sampler `name` on a `family` model; with the family unknown (before the checkpoint
-    is read), enough for some family that takes the name (the family's own rule is applied when it is known)."""
-    families = [family] if family else [f for f in (FAMILY_DIT, FAMILY_SIT) if name in samplers_for(f)]
-    first: DiffusionError | None = None
-    for candidate in families:
-        try:
-            if candidate == FAMILY_DIT:
-                check_steps(name, steps)
-            else:
-                least, why = FLOW_MIN_STEPS[name]
-                if steps < least:
-                    raise DiffusionError(f"{name} needs at least {least} steps on a flow model, got {steps}: {why}")
-            return
-        except DiffusionError as exc:
-            first = first or exc
-    if first is not None:
-        raise ConfigError(f"{steps_flag} {steps}: {first}")
+    try:
+        check_steps(cfg.sampler, cfg.num_sampling_steps)
+    except DiffusionError as exc:
+        raise ConfigError(f"{steps_flag} {cfg.num_sampling_steps}: {exc}") from None
 
 
 def _check_official(cfg: SampleConfig) -> None:
@@ -203,8 +181,8 @@ def validate(cfg: SampleConfig, flags: dict[str, str] | None = None) -> None:
             "--num-sampling-steps": "--num-sampling-steps", **(flags or {})}
     if cfg.model not in DiT_models and cfg.model != CUSTOM_MODEL:
         raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)} or {CUSTOM_MODEL}")
-    if cfg.sampler not in ALL_SAMPLERS:
-        raise ConfigError(f"unknown --sampler {cfg.sampler!r}; choose one of {', '.join(ALL_SAMPLERS)}")
+    if cfg.sampler not in SAMPLER_NAMES:
+        raise ConfigError(f"unknown --sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
     _check_counts(cfg)
     _check_guidance(cfg, flag["--cfg-scale"], flag["--guidance-interval"])
     _check_sampler(cfg, flag["--num-sampling-steps"])

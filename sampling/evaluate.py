@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evaluation.metrics import JSON_KEYS, PRINT_NAMES, parse_metrics
 from evaluation.run_metrics import RunEvaluation
 from launch.runtime import dist, preempt
 from launch.runtime.errors import UserError
 from models.checkpoints import CUSTOM_MODEL
-from models.training import OBJECTIVE_FAMILY, TrainConfig, eval_sampler
-from sampling.config import PRECISIONS, SAVE_CHOICES, ConfigError, SampleConfig, check_sampler_steps, validate
+from models.training import TrainConfig, eval_sampler
+from sampling.config import PRECISIONS, SAVE_CHOICES, ConfigError, SampleConfig, validate
 from sampling.finish import finish_folder
 from sampling.network import Network, build_sampler
 from sampling.options import check_evaluation, command_line
@@ -96,8 +98,6 @@ def check_eval_config(cfg: TrainConfig) -> None:
             if value not in choices:
                 raise ConfigError(f"{flag} {value} is not one of {', '.join(choices)}")
         validate(dataclasses.replace(sample, pack_only=True))  # the checkpoint is written later: its checks wait
-        check_sampler_steps(sample.sampler, sample.num_sampling_steps, "--num-sampling-steps",
-                            OBJECTIVE_FAMILY[cfg.objective])
         check_evaluation(sample)
     except UserError as exc:
         raise in_train_flags(exc) from None
@@ -158,7 +158,7 @@ class TrainingEvaluation:
     statistics (`RunEvaluation`), every sample's label, and the sampler (built at the first evaluation, from the
     first network: the same family and schedule at every step)."""
 
-    def __init__(self, cfg: SampleConfig, info: dist.DistInfo, evaluation: RunEvaluation, labels: Any,
+    def __init__(self, cfg: SampleConfig, info: dist.DistInfo, evaluation: RunEvaluation, labels: np.ndarray,
                  seconds: float):
         self.cfg, self.info, self.evaluation, self.labels = cfg, info, evaluation, labels
         self.open_seconds = seconds

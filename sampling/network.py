@@ -104,19 +104,16 @@ def trained_objective(meta: dict) -> dict:
             "diffusion_steps": int(config.get("diffusion_steps", DEFAULT_DIFFUSION_STEPS))}
 
 
-FLOW_TIME_MAX = 1.0  # the flow samplers' clock runs from t = 1 (noise) to 0 (data)
-
-
 def build_sampler(cfg: SampleConfig, network: Network) -> Sampler | FlowSampler:
-    """The --sampler of the checkpoint's family: a DDPM-family sampler on the checkpoint's own noise schedule and
-    prediction type (dit), or a flow sampler in the family's time convention (sit, repa)."""
+    """The --sampler for the checkpoint's family: a flow sampler for SiT and REPA; for DiT, on the checkpoint's
+    own noise schedule and prediction type."""
     family = network.meta.get("family", FAMILY_DIT)
-    try:
-        check_sampler(cfg.sampler, family)
-    except DiffusionError as exc:
-        raise ConfigError(f"--sampler {cfg.sampler}: {exc}") from None
     if family in FLOW_FAMILIES:
-        return _flow_sampler(cfg, family)
+        try:
+            check_sampler(cfg.sampler, family)
+            return FlowSampler(cfg.sampler, cfg.num_sampling_steps, family=family)
+        except DiffusionError as exc:
+            raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None
     objective = trained_objective(network.meta)
     if cfg.guidance_interval is not None and cfg.guidance_interval[1] > objective["diffusion_steps"] - 1:
         raise ConfigError(f"--guidance-interval {cfg.guidance_interval[0]:g} {cfg.guidance_interval[1]:g}: the "
@@ -124,16 +121,5 @@ def build_sampler(cfg: SampleConfig, network: Network) -> Sampler | FlowSampler:
     try:
         return Sampler(cfg.sampler, cfg.num_sampling_steps, learn_sigma=network.model.learn_sigma,
                        eta=cfg.ddim_eta if cfg.sampler == DDIM else 0.0, **objective)
-    except DiffusionError as exc:
-        raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None
-
-
-def _flow_sampler(cfg: SampleConfig, family: str) -> FlowSampler:
-    """A flow sampler; the guidance interval is on its clock (t = 1 noise, REPA's guidance_low/high)."""
-    if cfg.guidance_interval is not None and cfg.guidance_interval[1] > FLOW_TIME_MAX:
-        raise ConfigError(f"--guidance-interval {cfg.guidance_interval[0]:g} {cfg.guidance_interval[1]:g}: a flow "
-                          f"model's time runs from 0 (data) to {FLOW_TIME_MAX:g} (noise)")
-    try:
-        return FlowSampler(cfg.sampler, cfg.num_sampling_steps, family=family)
     except DiffusionError as exc:
         raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from diffusion.guidance import CHANNEL_MODES
 from diffusion.rng import LABEL_SAMPLING, MAX_GLOBAL_SEED
+from diffusion.samplers import SAMPLER_NAMES
 from evaluation.cli import HelpFormatter, add_metric_args
 from evaluation.run_metrics import check_reference, check_run_inputs
 from models.checkpoints import CUSTOM_MODEL
 from models.dit import DiT_models
 from models.vae import CODEC_CHOICES
 from sampling.config import (
-    ALL_SAMPLERS,
     COMPILE_MODES,
     PRECISIONS,
     SAVE_CHOICES,
@@ -51,10 +51,8 @@ def build_parser(description: str, epilog: str, prog: str | None = None,
     add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
     add("--ckpt", default=d.ckpt, help="DiT checkpoint (.pt/.safetensors); default: official DiT-XL/2 download")
     add("--allow-pickle", action="store_true", help="load checkpoints that need full unpickling (trusted only)")
-    add("--sampler", choices=ALL_SAMPLERS, default=d.sampler,
-        help="DiT checkpoints: ddpm (ancestral, the DiT protocol), ddim, or diffusers' dpm++2m, dpm++2m-sde, "
-             "unipc, euler, heun; flow-matching (SiT, REPA) checkpoints: euler, heun, euler-maruyama, dopri5, "
-             "dpm++2m, unipc")
+    add("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
+        help="ddpm (ancestral, the DiT protocol), ddim, or diffusers' dpm++2m, dpm++2m-sde, unipc, euler, heun")
     add("--ddim-eta", type=float, default=d.ddim_eta, help="DDIM eta (0 = deterministic, at most 1)")
     add("--guidance-channels", choices=CHANNEL_MODES, default=d.guidance_channels,
         help="first3 reproduces the DiT paper; all is the standard form")
