@@ -459,7 +459,8 @@ def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Trainer:
-    """The loop of one run: the optimizer step, and at their periods the log, checkpoints and sample grids."""
+    """The loop of one run: the optimizer step, and at their periods the log, checkpoints, evaluations and sample
+    grids."""
 
     def __init__(
         self, cfg: TrainConfig, info: dist.DistInfo, train_data: TrainData, state: TrainState, results: Path,

@@ -74,7 +74,7 @@ def eval_config(cfg: TrainConfig, num_classes: int) -> SampleConfig:
         label_sampling=cfg.eval_label_sampling, precision=cfg.eval_precision, dist_timeout=cfg.dist_timeout,
         save=cfg.eval_save, ref=_absolute(cfg.eval_ref), metrics=cfg.eval_metrics or d.metrics,
         eval_batch_size=cfg.eval_batch_size, inception_weights=_absolute(cfg.eval_inception_weights),
-        cache_dir=cfg.eval_cache_dir or d.cache_dir,
+        cache_dir=_absolute(cfg.eval_cache_dir) or d.cache_dir,
     )
 
 
@@ -119,7 +119,8 @@ def stop_signals_caught() -> Iterator[None]:
 def sample_ddp_args(cfg: SampleConfig) -> list[str]:
     """The argv of `sample_ddp.py` that samples and scores `cfg`'s run again (add --sample-dir: in the step's own
     folder it re-scores the stored features; elsewhere it samples afresh)."""
-    return command_line(cfg, SAMPLE_DDP_FIELDS)
+    cache = ["cache_dir"] if cfg.cache_dir != SampleConfig().cache_dir else []  # the reference statistics are there
+    return command_line(cfg, SAMPLE_DDP_FIELDS + cache)
 
 
 @dataclass
