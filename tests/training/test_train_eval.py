@@ -11,6 +11,7 @@ before the first step. The two-process run with the real Inception architecture 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -174,29 +175,44 @@ def test_without_tensorboard_one_warning(monkeypatch, tmp_path):
 @pytest.mark.parametrize("stop_at", ["during", "after"])
 def test_a_stopped_evaluation_resumes_and_training_continues_exactly(in_process, eval_run, image_folder, inputs,
                                                                      tmp_path, monkeypatch, capsys, stop_at):
-    """A stop signal during step 2's evaluation (after its first batch) or after its last batch: exit 3 with
-    checkpoint 2 on disk; --resume auto redoes what is missing (the stored features kept) and the metrics and
-    the losses that follow are the uninterrupted run's."""
-    calls = {"n": 0}
-    stop_call = 1 if stop_at == "during" else N // BATCH + 1  # the stream asks once per batch, then once more
+    """A stop signal during step 2's evaluation (a real SIGUSR1 while its first batch is stored) or after its last
+    batch: exit 3 with checkpoint 2 on disk; --resume auto redoes what is missing (the stored features kept) and
+    the metrics and the losses that follow are the uninterrupted run's."""
+    from sampling import consumers
 
-    def requested() -> bool:
-        calls["n"] += 1
-        return calls["n"] == stop_call
+    before = signal.getsignal(signal.SIGUSR1)
+    if stop_at == "during":
+        real_add = consumers.RunOutputs.add
 
-    monkeypatch.setattr(preempt, "requested", requested)
+        def add_then_signal(self, batch):  # noqa: ANN001, ANN202
+            real_add(self, batch)
+            if batch.indices[0] == 0:
+                assert signal.getsignal(signal.SIGUSR1) is preempt._handle  # caught only during the evaluation
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        monkeypatch.setattr(consumers.RunOutputs, "add", add_then_signal)
+    else:
+        calls = {"n": 0}
+
+        def requested() -> bool:  # the stream asks once per batch, then the evaluation once more: that one says stop
+            calls["n"] += 1
+            return calls["n"] == N // BATCH + 1
+
+        monkeypatch.setattr(preempt, "requested", requested)
     out = tmp_path / "run"
     args = train_args(image_folder, out, inputs)
     assert train.main(args) == EXIT_PREEMPTED
+    assert signal.getsignal(signal.SIGUSR1) == before  # the training's own handlers are back
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000002.pt"]
     assert [r["step"] for r in records(out)] == ([] if stop_at == "during" else [2])
     assert "rerun with --resume auto" in (out / train.LOG_NAME).read_text()
     capsys.readouterr()
-    monkeypatch.setattr(preempt, "requested", lambda: False)
+    monkeypatch.undo()
+    preempt._stop.clear()  # the flag a real signal set (a new process starts without it)
     assert train.main(args) == EXIT_OK  # --resume auto is the default
     stdout = capsys.readouterr().out
     if stop_at == "during":
-        assert f": {BATCH} of {N} stored, 0 to extract" in stdout  # first batch kept
+        assert f": {BATCH} of {N} stored, 0 to extract" in stdout  # the first batch's features were kept
     uninterrupted = {r["step"]: r for r in records(eval_run)}
     assert [r["step"] for r in records(out)] == [2, 4]
     for record in records(out):
