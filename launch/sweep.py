@@ -32,7 +32,7 @@ from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from launch.runtime.files import atomic_write, write_json_atomic
 from sampling.config import SAVE_NONE, SampleConfig, validate
 from sampling.finish import finish_folder
-from sampling.network import build_sampler, load_network
+from sampling.network import build_sampler, load_network, settle
 from sampling.options import build_parser as sampler_parser
 from sampling.options import config_from_args
 from sampling.run import PREEMPTED_LINE, Outcome, open_evaluation, run_labels, sample_folder, start_process
@@ -137,6 +137,7 @@ def run_sweep(points: list[Point], sweep_dir: Path, plot: bool) -> int:
     info = start_process(base)
     labels = run_labels(base)
     network = load_network(base, info.device)
+    points = [Point(settle(point.cfg, network)) for point in points]  # the checkpoint's family and its defaults
     samplers = [build_sampler(point.cfg, network) for point in points]  # every point checked against the model
     evaluation = open_evaluation(base, info.device)
     outcomes: list[Outcome] = []

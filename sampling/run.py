@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusion.flow import FlowSampler
 from diffusion.rng import class_labels
 from diffusion.samplers import Sampler
 from evaluation.run_metrics import RunEvaluation, check_reference
@@ -24,7 +25,7 @@ from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED
 from sampling.config import SampleConfig
 from sampling.consumers import RunOutputs
 from sampling.finish import finish_folder, pack
-from sampling.network import Network, build_sampler, load_network
+from sampling.network import Network, build_sampler, load_network, settle
 from sampling.plan import open_folder, plan_work, run_identity
 from sampling.stream import SampleStream
 
@@ -64,15 +65,15 @@ def run_labels(cfg: SampleConfig) -> np.ndarray:
     return class_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling)
 
 
-def sample_folder(cfg: SampleConfig, info: dist.DistInfo, network: Network, sampler: Sampler, labels: np.ndarray,
-                  evaluation: RunEvaluation | None) -> Outcome:
+def sample_folder(cfg: SampleConfig, info: dist.DistInfo, network: Network, sampler: Sampler | FlowSampler,
+                  labels: np.ndarray, evaluation: RunEvaluation | None) -> Outcome:
     """One run folder, on every rank: open it (rank 0), plan what it owes, resume the stored features, stream the
     missing samples into the outputs and, with `evaluation`, reduce the features into the report."""
     lock = rundir.RunLock(cfg.run_dir)
     identity = run_identity(cfg)
     run = rundir.run_id(identity)
     try:
-        dist.rank0_shares(lambda: open_folder(cfg, info, labels, lock, sampler, identity))
+        dist.rank0_shares(lambda: open_folder(cfg, info, labels, lock, sampler, identity, network.meta))
         dist.report_failures_in(cfg.run_dir)  # a rank that fails leaves its line here for the others
         inputs = evaluation.inputs(cfg.run_dir, cfg.num_fid_samples, cfg.image_size) if evaluation else None
         plan = plan_work(cfg, info, identity, evaluation)
@@ -100,6 +101,7 @@ def run(cfg: SampleConfig) -> int:
         return EXIT_OK
     labels = run_labels(cfg)
     network = load_network(cfg, info.device)
+    cfg = settle(cfg, network)
     sampler = build_sampler(cfg, network)
     evaluation = open_evaluation(cfg, info.device) if cfg.ref else None
     outcome = sample_folder(cfg, info, network, sampler, labels, evaluation)
