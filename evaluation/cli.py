@@ -1,5 +1,5 @@
-"""What the evaluation commands share: the Inception options, the device and extractor set-up, output paths
-checked up front, one-line warnings, and bad input as one `error:` line with exit 2."""
+"""What the evaluation commands share: the Inception and DINOv2 options, the device and networks set-up, output
+paths checked up front, one-line warnings, and bad input as one `error:` line with exit 2."""
 
 from __future__ import annotations
 
@@ -7,19 +7,23 @@ import argparse
 import contextlib
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from evaluation import dinov2
 from evaluation.batches import BatchError
+from evaluation.dinov2 import DEFAULT_RESIZE, RESIZE_MODES, DinoV2WeightsError
 from evaluation.errors import EvaluationError
-from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, InceptionWeightsError, resolve_weights
+from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionWeightsError
+from evaluation.metrics import METRICS
+from evaluation.networks import FeatureNetworks, open_networks, resolve_network_weights
 from launch import dist
 from launch.exits import EXIT_BAD_INPUT
 from launch.files import FileWriteError, os_reason, temp_path
 
-CLI_ERRORS = (BatchError, InceptionWeightsError, EvaluationError, FileWriteError)  # bad input: one line, exit 2
+CLI_ERRORS = (BatchError, InceptionWeightsError, DinoV2WeightsError, EvaluationError, FileWriteError)  # exit 2
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -35,7 +39,23 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images read and run at once (on CPU the network takes at most 8 at a time)")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
-    p.add_argument("--no-download", action="store_true", help="never try to download Inception weights")
+    p.add_argument("--no-download", action="store_true", help="never try to download Inception or DINOv2 weights")
+
+
+def add_dinov2_args(p: argparse.ArgumentParser, weights: str | None = None, resize: str = DEFAULT_RESIZE) -> None:
+    """FD_DINOv2's options, in their own group (`weights`, `resize`: the defaults, for a caller that keeps
+    them elsewhere); read back by `dinov2_options`."""
+    g = p.add_argument_group("FD_DINOv2 (--metrics fd_dinov2,dinov2_prec,dinov2_recall)")
+    g.add_argument(dinov2.WEIGHTS_FLAG, metavar="PATH", default=weights,
+                   help=f"DINOv2 ViT-L/14 weights ({dinov2.DINOV2_WEIGHTS}); default: torch hub cache, then download")
+    g.add_argument(dinov2.RESIZE_FLAG, choices=RESIZE_MODES, default=resize,
+                   help="resize to 224 px: torch (bicubic with antialias, EDM2's default) or pil (PIL bicubic on "
+                        "uint8, dgm-eval's)")
+
+
+def dinov2_options(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(--dinov2-weights, --dinov2-resize) of a parser that `add_dinov2_args` set up (defaults otherwise)."""
+    return getattr(args, "dinov2_weights", None), getattr(args, "dinov2_resize", DEFAULT_RESIZE)
 
 
 def init_device(spec: str) -> torch.device:
@@ -55,11 +75,13 @@ def init_device(spec: str) -> torch.device:
     return wanted if info.world_size == 1 and wanted.index is not None else info.device
 
 
-def open_extractor(args: argparse.Namespace) -> InceptionExtractor:
-    """Join the process group on `--device`, find the weights (rank 0 first: it may download), load the network."""
+def open_extractor(args: argparse.Namespace, metrics: Iterable[str] = METRICS) -> FeatureNetworks:
+    """Join the process group on `--device`, find the weights the metrics need (rank 0 first: it may download),
+    load those networks."""
     device = init_device(args.device)
-    weights = dist.rank0_first(lambda: resolve_weights(args.inception_weights, allow_download=not args.no_download))
-    return InceptionExtractor(weights, device, args.batch_size)
+    dinov2_path, resize = dinov2_options(args)
+    inception, dino = resolve_network_weights(metrics, args.inception_weights, dinov2_path, not args.no_download)
+    return open_networks(metrics, device, args.batch_size, inception, dino, resize)
 
 
 def check_positive(**values: int) -> None:

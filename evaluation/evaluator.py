@@ -1,4 +1,5 @@
-"""`python -m evaluation.evaluator REF.npz SAMPLE.npz`: ADM's report (IS, FID, sFID, precision, recall).
+"""`python -m evaluation.evaluator REF.npz SAMPLE.npz`: ADM's report (IS, FID, sFID, precision, recall), and
+EDM2's FD_DINOv2 when asked (`--metrics fid,fd_dinov2`).
 
 Same definitions and output lines as ADM's `evaluations/evaluator.py`, computed in PyTorch on torch-fidelity's
 TF-exact Inception (see `evaluation.report`). Under torchrun each rank extracts a contiguous slice of every
@@ -15,16 +16,19 @@ from pathlib import Path
 
 from evaluation.cli import (
     HelpFormatter,
+    add_dinov2_args,
     add_network_args,
     check_positive,
     check_writable,
+    dinov2_options,
     open_extractor,
     run_command,
 )
 from evaluation.errors import EvaluationError
-from evaluation.inception import DEFAULT_BATCH_SIZE, FEATURE_DIMS
+from evaluation.inception import DEFAULT_BATCH_SIZE
 from evaluation.inputs import check_inputs, open_checked
-from evaluation.metrics import METRIC_IS, METRICS, format_report, format_spread, parse_metrics
+from evaluation.metrics import ALL_METRICS, METRIC_IS, METRICS, format_report, format_spread, parse_metrics
+from evaluation.networks import ALL_FEATURE_DIMS
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from evaluation.report import evaluate, evaluate_inputs
 from launch import dist
@@ -40,6 +44,7 @@ EXAMPLES = """examples:
   python -m evaluation.evaluator ref.npz samples.npz --bootstrap 10
   torchrun --standalone --nproc_per_node=8 -m evaluation.evaluator ref.npz samples.npz
   python -m evaluation.evaluator ref.npz sample_pngs/ --inception-weights weights-inception-2015-12-05-6726825d.pth
+  python -m evaluation.evaluator ref.npz samples.npz --metrics fid,fd_dinov2 --json results.json
 """
 
 
@@ -55,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "index range its manifest.json gives)")
     p.add_argument("--json", metavar="OUT", help="also write the results (and counts, weights, versions) here")
     p.add_argument("--metrics", default=",".join(METRICS),
-                   help="comma-separated subset to compute (the report's names inception_score, precision, ... "
-                        "work too)")
+                   help=f"comma-separated metrics, from {','.join(ALL_METRICS)} (the report's names "
+                        "inception_score, precision, ... work too)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                    help="where reference statistics are cached by content hash")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
@@ -65,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "replacement) of the sample images, reference fixed; 0: none")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
     add_network_args(p)
+    add_dinov2_args(p)
     return p
 
 
@@ -78,8 +84,9 @@ def _run(args: argparse.Namespace) -> int:
     check_positive(batch_size=args.batch_size)
     json_out = check_writable(args.json, "--json") if args.json else None
     # Inputs first: a bad file or flag fails in a second, before the network is loaded.
-    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, FEATURE_DIMS, args.bootstrap)
-    extractor = open_extractor(args)
+    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, ALL_FEATURE_DIMS, args.bootstrap,
+                          dinov2_options(args)[1])
+    extractor = open_extractor(args, metrics)
     weights = extractor.weights
     if metrics == [METRIC_IS] and not weights.has_classifier:
         raise EvaluationError(weights.is_unavailable_reason())
