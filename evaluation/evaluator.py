@@ -28,7 +28,7 @@ from evaluation.errors import EvaluationError
 from evaluation.inception import DEFAULT_BATCH_SIZE
 from evaluation.inputs import check_inputs, open_checked
 from evaluation.metrics import ALL_METRICS, METRIC_IS, METRICS, format_report, format_spread, parse_metrics
-from evaluation.networks import ALL_FEATURE_DIMS
+from evaluation.networks import expected_dims
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from evaluation.report import evaluate, evaluate_inputs
 from launch import dist
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     check_positive(batch_size=args.batch_size)
     json_out = check_writable(args.json, "--json") if args.json else None
     # Inputs first: a bad file or flag fails in a second, before the network is loaded.
-    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, ALL_FEATURE_DIMS, args.bootstrap,
+    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, expected_dims(), args.bootstrap,
                           dinov2_options(args)[1])
     extractor = open_extractor(args, metrics)
     weights = extractor.weights

@@ -69,12 +69,15 @@ def statistics_keys(kind: str, dinov2_resize: str = DEFAULT_RESIZE) -> tuple[str
     return DINOV2_PIL_KEYS if kind == DINOV2 and dinov2_resize == RESIZE_PIL else STATISTICS_KEYS[kind]
 
 
-def given_statistics(batch: ImageBatch, kind: str, dim: int, dinov2_resize: str = DEFAULT_RESIZE) -> Gaussian | None:
-    """The (mu, sigma) of `kind` stored in `batch`, checked; None when the file has none."""
+def given_statistics(batch: ImageBatch, kind: str, dim: int | None,
+                     dinov2_resize: str = DEFAULT_RESIZE) -> Gaussian | None:
+    """The (mu, sigma) of `kind` stored in `batch`, checked (`dim` None: any width); None when the file has none."""
     mu_key, sigma_key = statistics_keys(kind, dinov2_resize)
     if not (batch.has(mu_key) and batch.has(sigma_key)):
         return None
     mu, sigma = batch.array(mu_key).astype(np.float64), batch.array(sigma_key).astype(np.float64)
+    if dim is None and mu.ndim == 1:
+        dim = mu.shape[0]
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise EvaluationError(f"{batch.path}: {mu_key}/{sigma_key} have shapes {mu.shape}/{sigma.shape}, "
                               f"expected ({dim},)/({dim}, {dim})")
@@ -92,7 +95,7 @@ def _image_needs(role: str, metrics: tuple[str, ...], given: Mapping[str, Gaussi
     return [m for m in ALL_METRICS if m in needs]
 
 
-def check_batch(path: BatchInput, role: str, metrics: Iterable[str], dims: Mapping[str, int],
+def check_batch(path: BatchInput, role: str, metrics: Iterable[str], dims: Mapping[str, int | None],
                 dinov2_resize: str = DEFAULT_RESIZE) -> CheckedBatch:
     """Open `path` as the reference or sample side of an evaluation of `metrics` and check it serves them.
     `dinov2_resize` picks which stored DINOv2 statistics apply (`mu_dinov2` or `mu_dinov2_pil`)."""
@@ -118,7 +121,7 @@ def check_batch(path: BatchInput, role: str, metrics: Iterable[str], dims: Mappi
     return CheckedBatch(batch, given)
 
 
-def check_inputs(ref: BatchInput, sample: BatchInput, metrics: Iterable[str], dims: Mapping[str, int],
+def check_inputs(ref: BatchInput, sample: BatchInput, metrics: Iterable[str], dims: Mapping[str, int | None],
                  bootstrap: int = 0, dinov2_resize: str = DEFAULT_RESIZE) -> EvaluationInputs:
     """Both sides of an evaluation, checked against each other; warns about an unusual resolution pair."""
     metrics = normalise_metrics(metrics)

@@ -34,8 +34,6 @@ from evaluation.shards import weights_id
 from launch import dist
 from launch.files import file_sha256
 
-DINOV2_DIM = 1024  # ViT-L/14's width
-ALL_FEATURE_DIMS = {**FEATURE_DIMS, DINOV2: DINOV2_DIM}  # every kind a command may check stored statistics of
 INCEPTION_KINDS = frozenset({POOL, SPATIAL, LOGITS})
 DINOV2_KINDS = frozenset({DINOV2})
 ID_CHARS = 16
@@ -44,6 +42,13 @@ INCEPTION_GRAPH = "inception-2015-12-05 (ADM's TF graph, torch-fidelity's incept
 INCEPTION_RESIZE = f"TF1 bilinear to {INPUT_SIZE}x{INPUT_SIZE}, (x - 128) / 128"
 DINOV2_OUTPUT = "CLS token after the final norm"
 assert DINOV2 == DINOV2_FEATURE
+
+
+def expected_dims() -> dict[str, int | None]:
+    """The width of every feature kind a command may find stored statistics of, before any network is loaded:
+    Inception's, and DINOv2's from the architecture FD_DINOv2 insists on (None: whatever the file holds)."""
+    arch = dinov2_network.METRIC_ARCH
+    return {**FEATURE_DIMS, DINOV2: arch.embed_dim if arch is not None else None}
 
 
 def metric_kinds(metrics: Iterable[str]) -> set[str]:

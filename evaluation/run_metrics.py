@@ -26,7 +26,7 @@ from evaluation.errors import EvaluationError
 from evaluation.features import FeatureAccumulator
 from evaluation.inputs import REFERENCE, CheckedBatch, EvaluationInputs, check_batch, check_inputs
 from evaluation.metrics import MANIFOLD_METRICS, METRIC_IS, parse_metrics
-from evaluation.networks import ALL_FEATURE_DIMS, FeatureNetworks, features_id, open_networks, resolve_network_weights
+from evaluation.networks import FeatureNetworks, expected_dims, features_id, open_networks, resolve_network_weights
 from evaluation.precision_recall import NEAREST_K
 from evaluation.protocol import PROTOCOL_KEY, with_counts
 from evaluation.reference_cache import Reference, load_reference
@@ -57,7 +57,7 @@ def check_reference(ref: str | os.PathLike, metrics: str,
     if not Path(ref).is_file():
         raise EvaluationError(f"--ref {ref}: no such file; pass the reference batch (.npz) to compare with")
     try:
-        return check_batch(ref, REFERENCE, chosen, ALL_FEATURE_DIMS, dinov2_resize), chosen
+        return check_batch(ref, REFERENCE, chosen, expected_dims(), dinov2_resize), chosen
     except (BatchError, EvaluationError) as exc:
         raise EvaluationError(f"--ref: {exc}") from None
 
@@ -70,7 +70,7 @@ def check_run_inputs(reference: CheckedBatch, metrics: tuple[str, ...], run_dir:
     if set(metrics) & MANIFOLD_METRICS and num_images <= NEAREST_K:
         raise EvaluationError(f"{SAMPLES_FLAG} {num_images}: precision/recall need more than {NEAREST_K} images "
                               "(k-nearest neighbours); sample more or drop prec,recall from --metrics")
-    return check_inputs(reference.batch, SampledImages(run_dir, num_images, image_size), metrics, ALL_FEATURE_DIMS,
+    return check_inputs(reference.batch, SampledImages(run_dir, num_images, image_size), metrics, expected_dims(),
                         bootstrap, dinov2_resize)
 
 
