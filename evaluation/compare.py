@@ -33,6 +33,7 @@ VERDICTS = (COMPARABLE, WITHIN_NOISE, NOT_COMPARABLE)
 HASH_SHOWN = 12  # characters of a SHA-256 shown in the text table
 FLOAT_DIGITS = 4
 MIN_FILES = 2
+SIGNIFICANT = 6  # digits of a float setting shown in the differences
 
 EXAMPLES = """examples:
   python -m evaluation.compare samples/run-a.metrics.json samples/run-b.metrics.json
@@ -131,7 +132,7 @@ def _name(key: str) -> str:
 
 def _show(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.{FLOAT_DIGITS}f}"
+        return f"{value:.{SIGNIFICANT}g}"
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return value[:HASH_SHOWN]  # a SHA-256
     return "-" if value is None else str(value)
