@@ -30,7 +30,7 @@ EXAMPLES = """examples:
   python -m evaluation.reference /data/imagenet/train --image-size 256 --out VIRTUAL_imagenet256.npz
   torchrun --standalone --nproc_per_node=8 -m evaluation.reference photos/ --image-size 512 --out ref512.npz \\
       --num-images 5000
-  python -m evaluation.reference imagenet_train_64x64.npz --image-size 64 --out ref64.npz --dinov2
+  python -m evaluation.reference my_images.npz --image-size 64 --out ref64.npz --dinov2
 """
 
 

@@ -128,7 +128,8 @@ class FolderSource(ImageSource):
 
 
 class NpzSource(ImageSource):
-    """arr_0 of an .npz (uint8 NHWC, any size): memory-mapped when stored, else read forward in chunks."""
+    """arr_0 of an .npz (uint8 NHWC, any size): read forward in chunks; the chosen images of other ranks'
+    shares by index from the memory map (stored arr_0) or read forward (compressed)."""
 
     def __init__(self, path: Path):
         self.batch, self.label = NpzBatch(path), str(path)
@@ -142,11 +143,8 @@ class NpzSource(ImageSource):
             self._map = None
 
     def chunks(self, decoder: Decoder, start: int, stop: int, chunk: int) -> Iterator[np.ndarray]:
-        if self._map is not None:
-            raw = (np.array(self._map[a: min(stop, a + chunk)]) for a in range(start, stop, chunk))
-        else:
-            raw = self.batch.iter_chunks(chunk, start, stop)
-        return decoder.array_chunks(raw)
+        # Read into fresh buffers, not through the map: memory stays at a few chunks (mapped pages would count).
+        return decoder.array_chunks(self.batch.iter_chunks(chunk, start, stop))
 
     def take(self, decoder: Decoder, indices: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
         idx = np.asarray(indices, np.int64)

@@ -16,7 +16,7 @@ from evaluation.batches import open_batch
 from evaluation.dinov2 import DinoV2Extractor
 from evaluation.inception import InceptionExtractor
 from evaluation.reference import main
-from evaluation.reference_batch import build_reference, choose_subset
+from evaluation.reference_batch import Decoder, NpzSource, build_reference, choose_subset
 from launch.images import center_crop
 
 SIZE = 16
@@ -197,6 +197,8 @@ def test_reference_from_npz_equals_the_same_images_as_pngs(tmp_path: Path, npz_i
     for key in ("mu", "sigma", "mu_s", "sigma_s"):
         np.testing.assert_array_equal(a.array(key), b.array(key))
     every = np.stack([adm_center_crop(Image.fromarray(image), SIZE) for image in npz_images])
+    picked = np.concatenate(list(NpzSource(source).take(Decoder(SIZE), [1, 4, 5, 6], chunk=3)))  # other ranks'
+    np.testing.assert_array_equal(picked, every[[1, 4, 5, 6]])
     pool = stand_in.extract(every)["pool"].double().numpy()
     np.testing.assert_allclose(b.array("mu"), pool.mean(0), rtol=1e-6)
     np.testing.assert_allclose(b.array("sigma"), np.cov(pool, rowvar=False), rtol=1e-5, atol=1e-9)
