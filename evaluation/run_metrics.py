@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.batches import BatchError, ImageBatch
-from evaluation.dinov2 import DEFAULT_RESIZE, RESIZE_FLAG, RESIZE_MODES
+from evaluation.dinov2 import DEFAULT_RESIZE, RESIZE_FLAG, RESIZE_MODES, DinoV2Extractor
 from evaluation.errors import EvaluationError
-from evaluation.features import FeatureAccumulator
+from evaluation.features import FeatureAccumulator, FeatureExtractor
+from evaluation.inception import InceptionExtractor
 from evaluation.inputs import REFERENCE, CheckedBatch, EvaluationInputs, check_batch, check_inputs
 from evaluation.metrics import MANIFOLD_METRICS, METRIC_IS, parse_metrics
-from evaluation.networks import FeatureNetworks, expected_dims, features_id, open_networks, resolve_network_weights
+from evaluation.networks import FeatureNetworks, expected_dims, features_id, resolve_network_weights
 from evaluation.precision_recall import NEAREST_K
 from evaluation.protocol import PROTOCOL_KEY, with_counts
 from evaluation.reference_cache import Reference, load_reference
@@ -102,7 +103,12 @@ class RunEvaluation:
                 raise EvaluationError(inception.is_unavailable_reason())
             if dist.is_main():
                 print(inception.is_unavailable_reason(), file=sys.stderr, flush=True)
-        extractor = open_networks(metrics, device, batch_size, inception, dino, dinov2_resize)
+        nets: list[FeatureExtractor] = []  # the names of this module, which tests may replace
+        if inception is not None:
+            nets.append(InceptionExtractor(inception, device, batch_size))
+        if dino is not None:
+            nets.append(DinoV2Extractor(dino, device, batch_size, dinov2_resize))
+        extractor = FeatureNetworks(nets)
         reference = load_reference(reference_batch, metrics, extractor, cache_dir, batch_size)
         identity = dist.main_only(lambda: features_id(extractor))
         protocol = dist.main_only(lambda: report_protocol(reference_batch.batch.path, extractor, bootstrap,
