@@ -33,22 +33,18 @@ from tqdm.auto import tqdm
 
 from diffusion import create_diffusion, guided_model
 from diffusion.rng import SampleNoise, sample_seed
-from diffusion.timestep_sampler import ScheduleSampler, create_named_schedule_sampler
-from launch import dist
-from launch.exits import EXIT_BAD_INPUT
-from launch.files import FileWriteError, atomic_write, os_reason
-from models import data
-from models import training as T
-from models.checkpoints import CheckpointError
-from models.data import DataError
+from diffusion.training_timesteps import ScheduleSampler, create_named_schedule_sampler
+from launch.runtime import dist
+from launch.runtime.command import run_command
+from launch.runtime.files import FileWriteError, atomic_write, os_reason
+from models import data, training
 from models.dit import DiT
 from models.training import TrainConfig, TrainError
-from models.vae import CODEC_CHOICES, CodecError, PixelCodec, load_codec
+from models.vae import CODEC_CHOICES, PixelCodec, load_codec
 
 GRID_PER_CLASS = 4  # sample grid: up to GRID_PER_CLASS images of each of the first GRID_MAX_CLASSES classes
 GRID_MAX_CLASSES = 16
 GRID_SEED = 0  # fixed noise for the grids, so that successive grids show the same samples improving
-RNG_RULE = "torch.manual_seed(global_seed * 2**32 + micro_batch * world_size + rank)"  # stored in checkpoints
 MIN_ELAPSED_S = 1e-9
 CONFIG_NAME = "config.json"  # in --results-dir, beside log.txt, checkpoints/ and samples/
 LOG_NAME = "log.txt"
@@ -73,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=T.DATASETS, default=d.dataset,
+    g.add_argument("--dataset", choices=training.DATASETS, default=d.dataset,
                    help="folder: class subfolders; latents: a --latent-cache file; digits: the offline demo set")
     g.add_argument("--data-path", default=d.data_path, help="image folder (class = subfolder) or latent file")
     g.add_argument("--image-size", type=int, default=d.image_size, help="ADM centre crop to this side")
@@ -90,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.num_workers,
         help="DataLoader workers per process that decode images (default: the job's CPUs on this node / "
-        f"processes - 1, at most {T.AUTO_WORKERS_MAX}; in-memory latents and digits: 0)",
+        f"processes - 1, at most {training.AUTO_WORKERS_MAX}; in-memory latents and digits: 0)",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=[*T.DIT_CONFIGS, T.CUSTOM_MODEL], default=d.model,
+    g.add_argument("--model", choices=[*training.DIT_CONFIGS, training.CUSTOM_MODEL], default=d.model,
                    help="a DiT configuration, or custom with the four flags below")
     for name in ("depth", "hidden-size", "num-heads", "patch-size"):
         g.add_argument(f"--{name}", type=int, default=None, help="custom model only")
@@ -102,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-dropout", type=float, default=d.class_dropout,
                    help="probability of the null label (classifier-free guidance training)")
     g = p.add_argument_group("objective")
-    g.add_argument("--prediction", choices=T.PREDICTIONS, default=d.prediction, help="network target")
-    g.add_argument("--noise-schedule", choices=T.SCHEDULES, default=d.noise_schedule)
+    g.add_argument("--prediction", choices=training.PREDICTIONS, default=d.prediction, help="network target")
+    g.add_argument("--noise-schedule", choices=training.SCHEDULES, default=d.noise_schedule)
     g.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
     g.add_argument("--use-kl", action="store_true", help="train on the variational bound only")
-    g.add_argument("--timestep-sampler", choices=T.TIMESTEP_SAMPLERS, default=d.timestep_sampler,
+    g.add_argument("--timestep-sampler", choices=training.TIMESTEP_SAMPLERS, default=d.timestep_sampler,
                    help="loss-second-moment: importance sampling of t (improved DDPM, for the VLB)")
-    g.add_argument("--loss-weighting", choices=T.WEIGHTINGS, default=d.loss_weighting)
+    g.add_argument("--loss-weighting", choices=training.WEIGHTINGS, default=d.loss_weighting)
     g.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="min-SNR gamma")
     g.add_argument("--p2-gamma", type=float, default=d.p2_gamma)
     g.add_argument("--p2-k", type=float, default=d.p2_k)
@@ -130,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-every", type=int, default=d.lr_decay_every, help="step decay period (0: none)")
     g.add_argument("--lr-decay-factor", type=float, default=d.lr_decay_factor)
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
-    g.add_argument("--precision", choices=T.PRECISIONS, default=d.precision,
+    g.add_argument("--precision", choices=training.PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--ema-decay", type=float, default=d.ema_decay)
     g.add_argument("--ema-warmup", action="store_true", help="decay min(ema_decay, (1+step)/(10+step))")
@@ -156,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k.replace("-", "_"): v for k, v in vars(args).items()}
     cfg = TrainConfig(**values)
-    T.validate(cfg)
+    training.validate(cfg)
     return cfg
 
 
@@ -213,7 +209,7 @@ def build_dataset(cfg: TrainConfig, info: dist.DistInfo) -> tuple[Dataset, Any, 
     """(dataset of (x, label), codec or None for pixel space, whether x must still be encoded)."""
     codec = None
     if cfg.vae != "none":
-        codec = dist.rank0_first(lambda: load_codec(cfg.vae, cfg.vae_path, device=info.device))
+        codec = dist.rank0_then_others(lambda: load_codec(cfg.vae, cfg.vae_path, device=info.device))
     if cfg.dataset == "latents":
         dataset = data.LatentDataset(cfg.data_path)
         _check_latent_cache(dataset, cfg)
@@ -225,7 +221,7 @@ def build_dataset(cfg: TrainConfig, info: dist.DistInfo) -> tuple[Dataset, Any, 
         dataset = data.ImageFolderDataset(cfg.data_path, cfg.image_size, cfg.image_channels)
     if codec is not None and cfg.latent_cache:
         cache = Path(cfg.latent_cache)
-        if not dist.main_only(cache.exists):  # rank 0 decides: a stale listing must not split the ranks
+        if not dist.rank0_shares(cache.exists):  # rank 0 decides: a stale listing must not split the ranks
             build_latent_cache(cfg, dataset, codec, info)
         latents = data.LatentDataset(cache)
         _check_latent_cache(latents, cfg, expected_len=len(dataset), class_to_idx=dataset.class_to_idx)
@@ -235,14 +231,14 @@ def build_dataset(cfg: TrainConfig, info: dist.DistInfo) -> tuple[Dataset, Any, 
 
 def build_latent_cache(cfg: TrainConfig, dataset: Dataset, codec: Any, info: dist.DistInfo) -> None:
     """Every rank encodes its own shard of the images; rank 0 then writes the index naming all shards."""
-    workers = T.image_workers(cfg, info.local_world_size)
+    workers = training.image_workers(cfg, info.local_world_size)
     data.encode_latent_shard(
         dataset, codec, cfg.latent_cache, info.rank, info.world_size, cfg.global_seed, num_workers=workers
     )
     dist.barrier()
     shards = data.latent_shards(cfg.latent_cache, len(dataset), info.world_size)
     extra = {"image_size": cfg.image_size, "vae": cfg.vae}
-    dist.main_only(lambda: data.write_latent_index(cfg.latent_cache, shards, dataset.class_to_idx, extra))
+    dist.rank0_shares(lambda: data.write_latent_index(cfg.latent_cache, shards, dataset.class_to_idx, extra))
 
 
 def _check_latent_cache(
@@ -278,7 +274,7 @@ def make_loader(cfg: TrainConfig, train_data: TrainData, info: dist.DistInfo, ba
     """This rank's endless (x, label) micro-batches after ``done`` of them (pinned for CUDA copies)."""
     plan = data.EpochPlan(len(train_data.dataset), batch, info.rank, info.world_size, cfg.global_seed, cfg.hflip)
     if train_data.images:
-        workers = T.image_workers(cfg, info.local_world_size)
+        workers = training.image_workers(cfg, info.local_world_size)
     else:
         workers = cfg.num_workers or 0  # in memory: workers would only copy
     loader = DataLoader(
@@ -296,7 +292,7 @@ def make_loader(cfg: TrainConfig, train_data: TrainData, info: dist.DistInfo, ba
 def build_networks(
     cfg: TrainConfig, in_channels: int, input_size: int, num_classes: int
 ) -> tuple[DiT, dict[str, Any]]:
-    arch = T.architecture(cfg)
+    arch = training.architecture(cfg)
     if input_size % arch["patch_size"]:
         raise TrainError(
             f"model input size {input_size} is not a multiple of the patch size {arch['patch_size']}"
@@ -341,13 +337,13 @@ def build_state(
     The order matters: `Optimizer.load_state_dict` puts each state tensor (exp_avg, exp_avg_sq) on its
     parameter's device and dtype, so the parameters must already be where they train.
     """
-    T.seed_everything(T.init_seed(cfg.global_seed))  # the same initial weights on every rank and every run
+    training.seed_everything(training.init_key(cfg.global_seed))  # the same initial weights on every rank and every run
     model, arch = build_networks(cfg, train_data.in_channels, train_data.input_size, train_data.num_classes)
     model = to_device(model, device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = T.make_optimizer(model, cfg, device)
+    opt = training.make_optimizer(model, cfg, device)
     t_sampler = create_named_schedule_sampler(cfg.timestep_sampler, cfg.diffusion_steps)
-    state = TrainState(model, ema, opt, t_sampler, arch, T.checkpoint_config(cfg, arch))
+    state = TrainState(model, ema, opt, t_sampler, arch, training.checkpoint_config(cfg, arch))
     if resume_path is not None:
         resume(state, resume_path, train_data.class_to_idx)
     return state
@@ -362,14 +358,14 @@ def resume_path(cfg: TrainConfig, results: Path) -> Path | None:
     ``--resume`` auto (newest in --results-dir), none, or a file. One listing for all: a stale NFS
     directory cache on one node must not start its ranks from another step than the rest.
     """
-    return dist.main_only(lambda: _find_resume_path(cfg, results))
+    return dist.rank0_shares(lambda: _find_resume_path(cfg, results))
 
 
 def _find_resume_path(cfg: TrainConfig, results: Path) -> Path | None:
-    if cfg.resume == T.RESUME_NONE:
+    if cfg.resume == training.RESUME_NONE:
         return None
-    if cfg.resume == T.RESUME_AUTO:
-        return T.latest_checkpoint(results)
+    if cfg.resume == training.RESUME_AUTO:
+        return training.latest_checkpoint(results)
     path = Path(cfg.resume)
     if not path.is_file():
         raise TrainError(f"--resume {cfg.resume} is not a file (use auto or none)")
@@ -378,8 +374,8 @@ def _find_resume_path(cfg: TrainConfig, results: Path) -> Path | None:
 
 def resume(state: TrainState, path: Path, class_to_idx: dict[str, int]) -> None:
     """Load a train.py checkpoint into ``state`` (networks already on their device)."""
-    ckpt = T.load_training_checkpoint(path)
-    T.check_resumable(ckpt["config"], state.config, path)
+    ckpt = training.load_training_checkpoint(path)
+    training.check_resumable(ckpt["config"], state.config, path)
     if ckpt["class_to_idx"] != class_to_idx:
         raise TrainError(f"--resume {path} was trained on another class map than --data-path")
     state.model.load_state_dict(ckpt["model"])
@@ -409,8 +405,8 @@ class Trainer:
     ) -> None:
         self.cfg, self.info, self.data, self.state, self.results = cfg, info, train_data, state, results
         self.device = info.device
-        self.batch = T.per_process_batch(cfg, info.world_size)
-        self.diffusion = T.build_diffusion(cfg)
+        self.batch = training.per_process_batch(cfg, info.world_size)
+        self.diffusion = training.build_diffusion(cfg)
         self.loss_aware = cfg.timestep_sampler != "uniform"
         self.ddp = state.model
         if info.world_size > 1:
@@ -437,7 +433,7 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step over ``--grad-accum`` micro-batches, then the EMA; no host sync."""
         cfg, state = self.cfg, self.state
-        self.lr = T.learning_rate(state.step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_every, cfg.lr_decay_factor)
+        self.lr = training.learning_rate(state.step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_every, cfg.lr_decay_factor)
         for group in state.opt.param_groups:
             group["lr"] = self.lr * group.get("lr_mult", 1.0)
         state.opt.zero_grad(set_to_none=True)
@@ -446,7 +442,7 @@ class Trainer:
         if cfg.max_grad_norm > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
         state.opt.step()
-        T.update_ema(state.ema, state.model, T.ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup))
+        training.update_ema(state.ema, state.model, training.ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup))
         state.step += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -457,17 +453,17 @@ class Trainer:
         x, y = next(self.batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         index = self.state.step * cfg.grad_accum + micro
-        T.seed_everything(T.micro_batch_seed(cfg.global_seed, index, info.rank, info.world_size))
+        training.seed_everything(training.micro_batch_key(cfg.global_seed, index, info.rank, info.world_size))
         if self.data.encode_online:
             x = self.data.codec.encode(x)
         t, weights = self.state.t_sampler.sample(x.shape[0])  # drawn on the host (global CPU generator)
         t = to_device_async(t, device)
         importance = to_device_async(weights, device) if self.loss_aware else None  # uniform: all ones
-        drop = T.label_drop_mask(x.shape[0], cfg.class_dropout, device)
+        drop = training.label_drop_mask(x.shape[0], cfg.class_dropout, device)
         sync = micro == cfg.grad_accum - 1 or info.world_size == 1
         with contextlib.nullcontext() if sync else self.ddp.no_sync(), self.autocast():
             kwargs = {"y": y, "force_drop_ids": drop}
-            terms = T.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
+            terms = training.diffusion_loss(self.diffusion, self.ddp, x, t, kwargs, cfg, importance=importance)
             loss = terms["loss"].mean() / cfg.grad_accum
         loss.backward()
         if self.loss_aware:
@@ -507,7 +503,7 @@ class Trainer:
         line = (
             f"step {step:7d} loss {loss_sum / max(count, 1):.5f} lr {self.lr:.3e} img/s {ips:8.1f}"
             + (f" grad {float(self.grad_norm):.3f}" if self.grad_norm is not None else "")
-            + f" elapsed {T.format_seconds(now - self.run_start)}"
+            + f" elapsed {training.format_seconds(now - self.run_start)}"
         )
         self.write_log(line)
         self.loss_sum.zero_()
@@ -524,16 +520,16 @@ class Trainer:
                 "config": state.config,
                 "step": state.step,
                 "class_to_idx": self.data.class_to_idx,
-                "rng": {"global_seed": self.cfg.global_seed, "rule": RNG_RULE},
+                "rng": {"global_seed": self.cfg.global_seed, "rule": training.RNG_RULE},
                 "timestep_sampler": state.t_sampler.state_dict(),
             }
-            path = T.save_checkpoint(payload, T.checkpoint_path(self.results, state.step))
-            removed = T.prune_checkpoints(self.results, self.cfg.checkpoints_total_limit)
+            path = training.save_checkpoint(payload, training.checkpoint_path(self.results, state.step))
+            removed = training.prune_checkpoints(self.results, self.cfg.checkpoints_total_limit)
             self.write_log(f"saved {path}" + (f"; removed {len(removed)} old" if removed else ""))
         dist.barrier()
 
     def sample_grid(self) -> None:
-        out = self.results / "samples" / f"{self.state.step:0{T.CHECKPOINT_DIGITS}d}.png"
+        out = self.results / "samples" / f"{self.state.step:0{training.CHECKPOINT_DIGITS}d}.png"
         with torch.no_grad(), self.autocast():
             write_grid(self.state.ema, self.cfg, self.data.codec, self.state.arch, out, self.device)
         self.write_log(f"sample grid {out}")
@@ -570,7 +566,7 @@ class Trainer:
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        dist.print0(f"done: {self.state.step} steps in {T.format_seconds(time.perf_counter() - self.run_start)}")
+        dist.print0(f"done: {self.state.step} steps in {training.format_seconds(time.perf_counter() - self.run_start)}")
 
 
 def _progress_bar(cfg: TrainConfig, step: int, main: bool) -> Any:
@@ -618,7 +614,7 @@ def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out
 def run(cfg: TrainConfig) -> int:
     """Train until ``cfg.max_steps``; returns the exit code."""
     info = setup(cfg)
-    T.per_process_batch(cfg, info.world_size)  # a bad split fails before any data or model work
+    training.per_process_batch(cfg, info.world_size)  # a bad split fails before any data or model work
     results = Path(cfg.results_dir)
     train_data = prepare_data(cfg, info)
     state = build_state(cfg, train_data, info.device, resume_path(cfg, results))
@@ -635,14 +631,15 @@ def run(cfg: TrainConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: config_from_args(args), run_with_paths_named)
+
+
+def run_with_paths_named(cfg: TrainConfig) -> int:
+    """`run`, with a folder that cannot be made or read named as bad input (one line, exit 2)."""
     try:
-        return run(config_from_args(args))
-    except (TrainError, DataError, CodecError, CheckpointError, FileWriteError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # a folder that cannot be made or read: name it, and the cause
-        print(f"error: {e.filename or 'a file'}: {os_reason(e)}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return run(cfg)
+    except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as e:
+        raise TrainError(f"{e.filename or 'a file'}: {os_reason(e)}") from None
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def _install_stand_in_network() -> None:
 
 def memory_child(args: argparse.Namespace) -> None:
     """Evaluate the sample file args.memory_child against args.memory_ref; print peak RSS (MiB) as JSON."""
-    from evaluation.evaluator import evaluate
+    from evaluation.report import evaluate
 
     if args.stand_in:
         _install_stand_in_network()

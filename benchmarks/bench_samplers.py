@@ -49,7 +49,7 @@ from evaluation.inputs import check_batch
 from evaluation.metrics import METRIC_FID, METRIC_PREC, METRIC_RECALL, METRIC_SFID
 from evaluation.reference_cache import DEFAULT_CACHE_DIR, Reference, load_reference
 from evaluation.report import report_metrics
-from launch.files import available_cpus
+from launch.runtime.files import available_cpus
 from models.checkpoints import build_model
 from models.data import DIGITS_NUM_CLASSES, DIGITS_SIZE, digits_classifier, digits_features
 from models.vae import PixelCodec

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.batches import PngWriter, index_filename, pack_folder  # noqa: E402
 from evaluation.shards import DEFAULT_BLOCK_IMAGES, IMAGES_DIR, BlockWriter, ImageShards, assemble_npz  # noqa: E402
-from launch.files import available_cpus  # noqa: E402
+from launch.runtime.files import available_cpus  # noqa: E402
 
 
 def synthetic(rng: np.random.Generator, size: int) -> np.ndarray:

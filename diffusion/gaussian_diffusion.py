@@ -2,7 +2,7 @@
 
 Schedule arrays are float64 numpy [T]; they are cast to float32 tensors where used (float64 when the
 data are float64) and kept on the device, one copy per (device, dtype). Timesteps t are indices 0..T-1
-into those arrays. Sampling runs through the one loop driver (diffusion.sampling) with the ancestral and
+into those arrays. Sampling runs through the one loop driver (diffusion.loop) with the ancestral and
 DDIM step functions below; it never touches the global RNG: every fresh normal draw comes from the
 caller's noise source (``noise_fn(like) -> Tensor``, or SampleNoise, which draws ahead of use).
 """
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffusion.loop import Denoise, ModelFn, NoiseFn, StepFn, Timestep, sample_loop
 from diffusion.losses import (
     TARGET_EPSILON,
     TARGET_START_X,
@@ -30,7 +31,6 @@ from diffusion.losses import (
     normal_kl,
     snr,
 )
-from diffusion.sampling import Denoise, ModelFn, NoiseFn, StepFn, Timestep, sample_loop
 from diffusion.schedules import DiffusionError
 
 LOG2 = math.log(2.0)
@@ -316,7 +316,7 @@ class GaussianDiffusion:
             "extra": extra,
         }
 
-    # ----------------------------------------------------------------- step functions (diffusion.sampling)
+    # ----------------------------------------------------------------- step functions (diffusion.loop)
 
     def sampling_timesteps(self, noisy: bool) -> list[Timestep]:
         """The loop's steps k = T'-1 .. 0; the model sees timestep_map[k]; noisy steps (all but k = 0)."""

@@ -13,7 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.sampling import ModelFn
+from diffusion.loop import ModelFn
 from diffusion.schedules import DiffusionError
 
 DDIM_PREFIX = "ddim"

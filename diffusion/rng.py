@@ -1,8 +1,15 @@
 """Per-sample random streams and class labels: every random number of sample i comes from its own generator.
 
-seed_i = global_seed * 2**32 + i, so sample i gets the same class label, the same initial noise
+seed_i = global_seed * 2**21 + i, so sample i gets the same class label, the same initial noise
 and the same noise at every step whatever the world size, the per-process batch size, or how
-often the job was resumed (as in EDM's generate.py, one generator per image).
+often the job was resumed (as in EDM's generate.py, one generator per image). torch's CPU generator
+(MT19937) keeps only the low 32 bits of a seed, so the rule fits in 32 bits: 2**21 indices for each of
+2**11 global seeds, and no two (global seed, index) pairs share a stream. Global seed 0 gives seed_i = i,
+as every earlier version of the rule did, so published seed-0 runs keep their images.
+
+Other streams of the project (training micro-batches, latent encoding, data flips) need more than 32 bits
+of key: `keyed_generator` seeds MT19937 from a key of several 32-bit words (the reference generator's
+init_by_array, as numpy's RandomState does for an array seed), so those keys never collide either.
 
 The layout of sample i's stream: draw 1 is its class label (randint(num_classes), the official
 sampler's label draw; consumed also when the labels are balanced), draw 2 is x_T, then each noisy
@@ -19,9 +26,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-SEED_STRIDE = 2**32
-SEED_RULE = "seed_i = global_seed * 2**32 + i"  # the manifest records the rule's text
-MAX_GLOBAL_SEED = 2**32 - 1
+SEED_BITS = 32  # torch's CPU generator (MT19937) is seeded with the low 32 bits of a seed
+INDEX_BITS = 21  # sample indices per global seed: 2**21 = 2,097,152 (more than ImageNet's 1.28 M)
+SEED_STRIDE = 2**INDEX_BITS
+MAX_SAMPLES_PER_SEED = SEED_STRIDE
+MAX_GLOBAL_SEED = 2 ** (SEED_BITS - INDEX_BITS) - 1  # 2047
+SEED_RULE = (f"seed_i = global_seed * 2**{INDEX_BITS} + i (global_seed in [0, {MAX_GLOBAL_SEED}], "
+             f"i < 2**{INDEX_BITS}: a distinct 32-bit torch CPU generator seed per pair)")  # recorded in manifests
+# The purposes of keyed streams: the first key word, so streams of two purposes never share a key.
+STREAM_TRAIN_INIT, STREAM_TRAIN_MICRO_BATCH, STREAM_LATENT_CHUNK, STREAM_DATA_FLIP, STREAM_DATA_ORDER = 1, 2, 3, 4, 5
+KEY_WORD = 2**32  # keyed_generator: each key word is a 32-bit unsigned integer
+MT_STATE_WORDS = 624  # MT19937's state, as torch's CPU generator stores it (uint64 slots)
+PHILOX_SEED_BOUND = 2**63 - 1  # a CUDA generator's seed is drawn in [0, this)
+MT_STATE_OFFSET = 24  # bytes before the state words: initial seed (u64), left (i32), seeded (i32), next (u64)
 PREFETCH_DEPTH = 4  # draws kept ready ahead of a sampling loop (each [B, C, H, W] float32)
 QUEUE_POLL_S = 0.1  # how often a blocked producer checks whether the loop has ended
 CPU, CUDA = "cpu", "cuda"
@@ -34,12 +51,58 @@ LABEL_RULES = {  # the manifest records the rule's text
 
 
 def sample_seed(global_seed: int, index: int) -> int:
-    """The seed of sample `index`: global_seed * 2**32 + index (unique for index < 2**32)."""
+    """The seed of sample `index`: global_seed * 2**21 + index, a distinct 32-bit seed for every pair in range."""
     if not 0 <= global_seed <= MAX_GLOBAL_SEED:
         raise ValueError(f"global seed must be in [0, {MAX_GLOBAL_SEED}], got {global_seed}")
     if not 0 <= index < SEED_STRIDE:
-        raise ValueError(f"sample index must be in [0, 2**32), got {index}")
+        raise ValueError(f"sample index must be in [0, 2**{INDEX_BITS}), got {index}")
     return global_seed * SEED_STRIDE + index
+
+
+def key_words(*parts: int) -> list[int]:
+    """Non-negative integers as 32-bit words, each part as two words (low, high): a fixed-length key."""
+    words = []
+    for part in parts:
+        if not 0 <= part < KEY_WORD**2:
+            raise ValueError(f"key part must be in [0, 2**64), got {part}")
+        words += [part % KEY_WORD, part // KEY_WORD]
+    return words
+
+
+def stream_key(purpose: int, *parts: int) -> list[int]:
+    """The key of one keyed stream: its purpose, then each part as two 32-bit words."""
+    return [purpose, *key_words(*parts)]
+
+
+def keyed_state(key: Sequence[int]) -> torch.Tensor:
+    """torch's CPU generator state for MT19937 seeded by init_by_array(key) (32-bit words).
+
+    The state words come from numpy's RandomState, which seeds from an array with the reference init_by_array;
+    they are written into the layout torch's generator uses (checked against manual_seed in the tests)."""
+    words = np.random.RandomState(np.asarray(key, dtype=np.uint32)).get_state()[1]
+    state = torch.Generator().manual_seed(0).get_state().numpy().copy()
+    state[MT_STATE_OFFSET: MT_STATE_OFFSET + MT_STATE_WORDS * 8] = words.astype("<u8").view(np.uint8)
+    return torch.from_numpy(state)
+
+
+def keyed_generator(key: Sequence[int], device: torch.device | str = CPU) -> torch.Generator:
+    """A generator whose stream is set by the whole `key` (any number of 32-bit words), not by 32 bits of it.
+
+    On the CPU: MT19937 from init_by_array(key). Elsewhere (CUDA's Philox takes a 64-bit seed): the seed is
+    the first 63-bit draw of that CPU stream."""
+    cpu = torch.Generator().set_state(keyed_state(key))
+    if torch.device(device).type == CPU:
+        return cpu
+    seed = int(torch.randint(0, PHILOX_SEED_BOUND, (1,), generator=cpu))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def seed_global_generators(key: Sequence[int]) -> None:
+    """Seed torch's global generators (CPU, and every CUDA device) from `key` as `keyed_generator` does."""
+    torch.default_generator.set_state(keyed_state(key))
+    if torch.cuda.is_available():
+        seed = int(torch.randint(0, PHILOX_SEED_BOUND, (1,), generator=keyed_generator(key)))
+        torch.cuda.manual_seed_all(seed)
 
 
 def class_labels(num_samples: int, num_classes: int, global_seed: int, mode: str) -> np.ndarray:

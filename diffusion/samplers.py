@@ -4,7 +4,7 @@
     x0 = sampler(model_fn, x_T, noise=SampleNoise(seeds), model_kwargs={"y": y}, clip_denoised=False)
     sampler.nfe  # model evaluations per image (a guided evaluation is one call over the doubled batch)
 
-Every sampler is a step function run by the one loop driver (diffusion.sampling.sample_loop), so guidance
+Every sampler is a step function run by the one loop driver (diffusion.loop.sample_loop), so guidance
 (including its interval), the per-sample random streams and the no-host-sync rules are the same for all.
 The diffusers samplers wrap the library's scheduler classes (set_timesteps, scale_model_input, step), built
 from our betas (`trained_betas`, linear or cosine, the checkpoint's number of training steps) and its
@@ -22,7 +22,7 @@ import numpy as np
 from torch import Tensor
 
 from diffusion import DEFAULT_DIFFUSION_STEPS, create_diffusion
-from diffusion.sampling import Denoise, ModelFn, StepFn, Timestep, sample_loop
+from diffusion.loop import Denoise, ModelFn, StepFn, Timestep, sample_loop
 from diffusion.schedules import LINEAR, DiffusionError, get_named_beta_schedule
 
 DDPM, DDIM = "ddpm", "ddim"
@@ -48,6 +48,29 @@ STOCHASTIC = frozenset({DPMPP_2M_SDE})  # a fresh normal draw at every step
 MULTISTEP = frozenset({DPMPP_2M, DPMPP_2M_SDE, UNIPC})  # divide by the log-SNR step: no noise level twice
 PREDICTION_EPSILON, PREDICTION_V = "epsilon", "v_prediction"  # diffusers' prediction_type values
 CLIP = 1.0  # clip_denoised keeps the predicted x_0 in [-CLIP, CLIP] (pixel data)
+# The fewest steps each sampler makes sense with, and why (measured on the demo model; below them the images are
+# flat or saturated, or the schedule cannot be built). Samplers not listed work from one step.
+MIN_STEPS: dict[str, tuple[int, str]] = {
+    DDPM: (2, "one respaced step leaves no posterior to sample from"),
+    DDIM: (2, "one step cannot be cut from the schedule with an integer stride"),
+    EULER: (2, "with one step diffusers places its only model call at t = 0: the images come out flat grey"),
+    HEUN: (6, "Karras noise levels over fewer steps take a first step from sigma 157 that saturates most pixels "
+              "(97% at 2 steps, 50% at 4)"),
+}
+
+
+def min_steps(name: str) -> int:
+    """The fewest sampling steps sampler `name` accepts."""
+    return MIN_STEPS.get(name, (1, ""))[0]
+
+
+def check_steps(name: str, steps: int, diffusion_steps: int = DEFAULT_DIFFUSION_STEPS) -> None:
+    """DiffusionError (one line) when `steps` is below the sampler's minimum or above the training steps."""
+    low, why = MIN_STEPS.get(name, (1, ""))
+    if steps < low:
+        raise DiffusionError(f"{name} needs at least {low} steps ({why}), got {steps}")
+    if steps > diffusion_steps:
+        raise DiffusionError(f"sampling steps must be at most the {diffusion_steps} training steps, got {steps}")
 
 
 def make_scheduler(name: str, betas: np.ndarray, predict_v: bool) -> Any:
@@ -83,8 +106,7 @@ class Sampler:
     ) -> None:
         if name not in SAMPLER_NAMES:
             raise DiffusionError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLER_NAMES)}")
-        if not 1 <= steps <= diffusion_steps:
-            raise DiffusionError(f"sampling steps must be in 1..{diffusion_steps}, got {steps}")
+        check_steps(name, steps, diffusion_steps)
         if eta != 0 and name != DDIM:
             raise DiffusionError(f"eta applies to the ddim sampler only, not {name!r}")
         self.name, self.steps, self.eta, self.learn_sigma = name, steps, eta, learn_sigma

@@ -16,21 +16,25 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 from PIL import Image
 
-from launch.files import FileWriteError, atomic_write, available_cpus, read_json, temp_path
-from launch.rundir import GRID_NAME, MANIFEST_NAME
+from launch.runtime.errors import UserError
+from launch.runtime.files import atomic_write, available_cpus
+from launch.runtime.npzfile import NPY_SUFFIX, NpzWriter, member_data_offset, read_header
+from launch.runtime.rundir import (
+    GRID_NAME,
+    IMAGES_KEY,
+    LABELS_KEY,
+    MANIFEST_NAME,
+    PNG_SUFFIX,
+    RGB_CHANNELS,
+    Manifest,
+    RunDirError,
+    index_filename,
+)
 
-IMAGES_KEY = "arr_0"
-LABELS_KEY = "arr_1"
-NPY_SUFFIX = ".npy"
-RGB_CHANNELS = 3
-# A zip local file header is 30 bytes plus the file name and the extra field.
-ZIP_LOCAL_HEADER_SIZE = 30
-PNG_SUFFIX = ".png"
 MAX_WORKERS = 8  # decoding beyond this is limited by the disk, not the CPUs
 DEFAULT_WORKERS = min(MAX_WORKERS, available_cpus())
 INDEX_PNG = re.compile(r"^\d{6,}\.png$")
@@ -39,14 +43,8 @@ STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"),  # A
 DINOV2_PIL_KEYS = ("mu_dinov2_pil", "sigma_dinov2_pil")  # FD_DINOv2 statistics of images resized by PIL
 
 
-class BatchError(Exception):
-    """A batch file or folder that cannot be used; the message is one line."""
-
-
-def index_filename(index: int, num_images: int) -> str:
-    """`{index:06d}.png`, wider when there are more than 10**6 images."""
-    digits = max(6, len(str(max(0, num_images - 1))))
-    return f"{index:0{digits}d}{PNG_SUFFIX}"
+class BatchError(UserError):
+    """A batch file or folder that cannot be used."""
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -70,11 +68,6 @@ class ImageBatch:
     def array(self, name: str) -> np.ndarray:
         raise BatchError(f"{self.path} has no array {name!r}")
 
-    def read_all(self) -> np.ndarray:
-        """All images at once (for small batches and tests)."""
-        chunks = list(self.iter_chunks(max(1, self.num_images)))
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.height, self.width, 3), np.uint8)
-
     def _range(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.num_images if stop is None else min(stop, self.num_images)
         return max(0, start), stop
@@ -93,6 +86,8 @@ def _check_layout(path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.d
         raise BatchError(f"{path}: arr_0 has {shape[-1]} channels, expected 3 (RGB, NHWC)")
     if fortran:
         raise BatchError(f"{path}: arr_0 is stored in Fortran order; save it C-contiguous")
+    if min(shape[1:3]) < 1:
+        raise BatchError(f"{path}: arr_0 has shape {shape}: images of {shape[1]}x{shape[2]} pixels hold nothing")
 
 
 class NpzBatch(ImageBatch):
@@ -124,11 +119,7 @@ class NpzBatch(ImageBatch):
         self._stored = info.compress_type == zipfile.ZIP_STORED
         try:
             with self._zip.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(f)
-                header_len = f.tell()
+                (shape, dtype, fortran), header_len = read_header(f)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise BatchError(f"{path}: arr_0 is not a valid .npy array: {exc}") from None
         _check_layout(path, tuple(shape), fortran, dtype)
@@ -140,17 +131,9 @@ class NpzBatch(ImageBatch):
             raise BatchError(f"{path} is truncated: arr_0 holds {info.file_size} bytes, "
                              f"its header promises {expected}")
         if self._stored:
-            self._data_offset = self._member_data_offset(info) + header_len
+            self._data_offset = member_data_offset(self.path, info) + header_len
             if os.path.getsize(path) < self._data_offset + self.num_images * self._image_bytes:
                 raise BatchError(f"{path} is truncated: the file ends before arr_0 does")
-
-    def _member_data_offset(self, info: zipfile.ZipInfo) -> int:
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(ZIP_LOCAL_HEADER_SIZE)
-        name_len = int.from_bytes(local[26:28], "little")
-        extra_len = int.from_bytes(local[28:30], "little")
-        return info.header_offset + ZIP_LOCAL_HEADER_SIZE + name_len + extra_len
 
     def iter_chunks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         if not self.has_images:
@@ -204,14 +187,13 @@ class NpzBatch(ImageBatch):
 def _manifest_count(folder: Path) -> tuple[int, int | None] | None:
     """(num_fid_samples, image_size) of the sampler's manifest.json in `folder`, None when there is none."""
     path = folder / MANIFEST_NAME
-    if not path.exists():
-        return None
     try:
-        identity = read_json(path)["identity"]
-        count, size = identity["num_fid_samples"], identity.get("image_size")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BatchError(f"{path} is unreadable ({type(exc).__name__}: {exc}); it should say how many images "
-                         "the folder holds (identity.num_fid_samples): repair or remove it") from None
+        manifest = Manifest.read(folder)
+    except RunDirError as exc:
+        raise BatchError(str(exc)) from None
+    if manifest is None:
+        return None
+    count, size = manifest.identity.get("num_fid_samples"), manifest.identity.get("image_size")
     if not isinstance(count, int) or count < 1:
         raise BatchError(f"{path}: identity.num_fid_samples is {count!r}, expected a positive integer")
     return count, size if isinstance(size, int) else None
@@ -319,76 +301,10 @@ def open_batch(path: str | os.PathLike) -> ImageBatch:
 # --------------------------------------------------------------------------------------------- writing
 
 
-class NpzWriter:
-    """Stream uint8 NHWC chunks into `arr_0` of a new ADM `.npz`, then add small arrays.
-
-    Writes to a temporary name beside `path` and renames it on `close`, so a killed writer
-    never leaves a partial batch under the final name.
-    """
-
-    def __init__(self, path: str | os.PathLike, num_images: int, height: int, width: int):
-        self.path = Path(path)
-        self.num_images, self.shape = num_images, (height, width, RGB_CHANNELS)
-        self.written = 0
-        self._tmp = temp_path(self.path)
-        try:
-            self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        except OSError as exc:
-            raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
-        self._member = self._zip.open(IMAGES_KEY + NPY_SUFFIX, "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": (num_images, *self.shape)}
-        np.lib.format.write_array_header_2_0(self._member, header)
-
-    def write(self, chunk: np.ndarray) -> None:
-        if chunk.dtype != np.uint8 or chunk.shape[1:] != self.shape:
-            raise BatchError(f"chunk of {chunk.dtype} {chunk.shape[1:]} does not fit {self.path}'s uint8 "
-                             f"{self.shape} images")
-        if self.written + len(chunk) > self.num_images:
-            raise BatchError(f"{self.path}: more than the {self.num_images} images announced")
-        self._member.write(np.ascontiguousarray(chunk).data)
-        self.written += len(chunk)
-
-    def close(self, extras: Mapping[str, np.ndarray] | None = None) -> Path:
-        if self.written != self.num_images:
-            self.abort()
-            raise BatchError(f"{self.path}: {self.written} images written but {self.num_images} announced")
-        try:
-            self._member.close()
-            for name, value in (extras or {}).items():
-                with self._zip.open(name + NPY_SUFFIX, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
-            self._zip.close()
-            os.replace(self._tmp, self.path)
-        except OSError as exc:
-            self.abort()
-            raise BatchError(f"cannot write {self.path}: {exc.strerror or exc}") from None
-        return self.path
-
-    def abort(self) -> None:
-        for closer in (self._member.close, self._zip.close):
-            try:
-                closer()
-            except Exception:  # noqa: BLE001 - best effort cleanup of a temp file
-                pass
-        self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> NpzWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
 def write_png(path: Path, image: np.ndarray) -> None:
-    """Encode `image` (uint8 HWC) to `path` via a temporary name and an atomic rename."""
-    try:
-        with atomic_write(path) as f:
-            Image.fromarray(image).save(f, format="PNG")
-    except FileWriteError as exc:
-        raise BatchError(str(exc)) from None
+    """Encode `image` (uint8 HWC) to `path` via a temporary name and an atomic rename (FileWriteError names it)."""
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 class PngWriter:
@@ -457,7 +373,7 @@ def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
         raise BatchError(f"{out}: no images to pack")
     first = _read_png(files[0])
     height, width = first.shape[:2]
-    with _decode_pool(workers) as pool, NpzWriter(out, num_images, height, width) as writer:
+    with _decode_pool(workers) as pool, NpzWriter(out, IMAGES_KEY, num_images, (height, width, RGB_CHANNELS)) as writer:
         lookahead: deque[Future] = deque()
         starts = iter(range(0, num_images, chunk))
 

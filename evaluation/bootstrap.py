@@ -24,10 +24,26 @@ from evaluation.frechet import frechet_distance
 from evaluation.metrics import FRECHET_FEATURES, JSON_KEYS, METRIC_IS, PRINT_NAMES, STD_SUFFIX
 from evaluation.reference_cache import Reference
 from evaluation.statistics import IS_SPLIT_SIZE, FeatureStats, FewSamplesWarning, InceptionScoreSums
-from launch import dist
-from launch.shard import share_bounds
+from launch.runtime import dist
+from launch.runtime.errors import UserError
+from launch.runtime.partition import share_bounds
 
 BOOTSTRAP_DDOF = 1
+MAX_RESAMPLES = 1000  # each resample costs one Frechet distance per metric (seconds on a CPU): a bound, not a hang
+MAX_SEED = 2**63 - 1  # numpy's SeedSequence takes non-negative integers
+
+
+class BootstrapError(UserError):
+    """--bootstrap or --bootstrap-seed out of range."""
+
+
+def check_bootstrap(resamples: int, seed: int) -> None:
+    """--bootstrap K in [0, MAX_RESAMPLES] and --bootstrap-seed in [0, 2**63): one line, before any work."""
+    if not 0 <= resamples <= MAX_RESAMPLES:
+        raise BootstrapError(f"--bootstrap {resamples}: give 0 (none) to {MAX_RESAMPLES} resamples (10 already "
+                             "give the spread to about 25%)")
+    if not 0 <= seed <= MAX_SEED:
+        raise BootstrapError(f"--bootstrap-seed {seed}: give a non-negative integer below 2**63")
 
 
 def resample_indices(num_images: int, seed: int, resample: int) -> np.ndarray:
@@ -41,7 +57,7 @@ def _frechet(rows: torch.Tensor, weights: np.ndarray, reference: tuple[np.ndarra
     stats.reduce()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FewSamplesWarning)  # said once by the metric itself
-        return dist.main_only(lambda: frechet_distance(stats.mean(), stats.cov(name), *reference, name=name))
+        return dist.rank0_shares(lambda: frechet_distance(stats.mean(), stats.cov(name), *reference, name=name))
 
 
 def _inception_score(logits: torch.Tensor, idx: np.ndarray, rows: tuple[int, int], split_size: int) -> float:
@@ -62,6 +78,7 @@ def bootstrap_spread(reference: Reference, sample: BatchFeatures, metrics: Itera
     chosen = [m for m in metrics if (m in FRECHET_FEATURES and FRECHET_FEATURES[m] in sample.rows)
               or (m == METRIC_IS and LOGITS in sample.rows)]
     values: dict[str, list[float]] = {m: [] for m in chosen}
+    check_bootstrap(resamples, seed)
     for k in range(resamples):
         idx = resample_indices(n, seed, k)
         counts = np.bincount(idx, minlength=n).astype(np.float64)[start:stop]  # this rank's images' weights

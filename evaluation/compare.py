@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.cli import HelpFormatter, run_command
+from evaluation.cli import HelpFormatter
 from evaluation.errors import EvaluationError
 from evaluation.metrics import ALL_METRICS, JSON_KEYS, PRINT_NAMES, STD_SUFFIX
 from evaluation.protocol import affected_metrics, differing_fields, field_note, read_protocol
+from launch.runtime.command import run_command
 
 NOISE_SPREADS = 2.0  # |difference| below this many spreads is within noise
 COMPARABLE, WITHIN_NOISE, NOT_COMPARABLE = "comparable", "within noise", "not comparable"
@@ -189,14 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return run_command(lambda: _read(args), lambda files: _run(args, files))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _read(args: argparse.Namespace) -> list[MetricsFile]:
     if len(args.files) < MIN_FILES:
         raise EvaluationError(f"give at least {MIN_FILES} metrics files (the first is the baseline; a file compared "
                               "with itself checks it)")
-    files = [read_metrics_file(path) for path in args.files]
+    return [read_metrics_file(path) for path in args.files]
+
+
+def _run(args: argparse.Namespace, files: list[MetricsFile]) -> int:
     result = compare(files)
     if args.json:
         print(json.dumps(result, indent=2))

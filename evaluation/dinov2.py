@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.inception import TORCH_FILE_MAGIC, full_precision
-from launch.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
+from launch.runtime.errors import UserError
+from launch.runtime.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
 
 DINOV2_WEIGHTS = "dinov2_vitl14_pretrain.pth"
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
@@ -73,7 +74,7 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _SIZE_NAMES = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1536: "ViT-g"}
 
 
-class DinoV2WeightsError(Exception):
+class DinoV2WeightsError(UserError):
     """No usable DINOv2 weights; the message is one line."""
 
 

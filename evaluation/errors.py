@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from launch.runtime.errors import UserError
 
-class EvaluationError(Exception):
+
+class EvaluationError(UserError):
     """Unusable arguments or inputs for an evaluation; the message is one line."""
 
 

@@ -14,29 +14,24 @@ import json
 import sys
 from pathlib import Path
 
+from evaluation.bootstrap import check_bootstrap
 from evaluation.cli import (
     HelpFormatter,
+    add_device_arg,
     add_dinov2_args,
-    add_network_args,
-    check_positive,
-    check_writable,
+    add_metric_args,
     dinov2_options,
     open_extractor,
-    run_command,
 )
 from evaluation.errors import EvaluationError
-from evaluation.inception import DEFAULT_BATCH_SIZE
-from evaluation.inputs import check_inputs, open_checked
-from evaluation.metrics import ALL_METRICS, METRIC_IS, METRICS, format_report, format_spread, parse_metrics
-from evaluation.networks import expected_dims
-from evaluation.reference_cache import DEFAULT_CACHE_DIR
-from evaluation.report import evaluate, evaluate_inputs
-from launch import dist
-from launch.files import atomic_write
-
-# The library entry points, importable from here as before (launch.pipeline uses some of them).
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CACHE_DIR", "METRICS", "EvaluationError", "build_parser", "evaluate",
-           "main", "open_checked"]
+from evaluation.inputs import EvaluationInputs, check_inputs
+from evaluation.metrics import METRIC_IS, format_report, format_spread, parse_metrics
+from evaluation.networks import check_weight_files, expected_dims
+from evaluation.report import evaluate_inputs
+from launch.runtime import dist
+from launch.runtime.checks import check_positive, check_writable
+from launch.runtime.command import run_command
+from launch.runtime.files import atomic_write
 
 EXAMPLES = """examples:
   python -m evaluation.evaluator VIRTUAL_imagenet256_labeled.npz samples/DiT-XL-2.npz
@@ -59,40 +54,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sample_batch", help="sample batch (.npz or PNG folder; a sampler's run folder is read in the "
                                         "index range its manifest.json gives)")
     p.add_argument("--json", metavar="OUT", help="also write the results (and counts, weights, versions) here")
-    p.add_argument("--metrics", default=",".join(METRICS),
-                   help=f"comma-separated metrics, from {','.join(ALL_METRICS)} (the report's names "
-                        "inception_score, precision, ... work too)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
-                   help="where reference statistics are cached by content hash")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
-                   help="add fid_std, sfid_std, inception_score_std: the spread over K seeded resamples (with "
-                        "replacement) of the sample images, reference fixed; 0: none")
-    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
-    add_network_args(p)
+    add_metric_args(p)
     add_dinov2_args(p)
+    add_device_arg(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return run_command(lambda: _check(args), lambda checked: _run(args, *checked))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> tuple[list[str], Path | None, EvaluationInputs]:
+    """Every flag and input checked before the network loads: a bad file or flag fails in a second."""
     metrics = parse_metrics(args.metrics)
-    check_positive(batch_size=args.batch_size)
+    check_positive({"--eval-batch-size": args.eval_batch_size})
+    check_bootstrap(args.bootstrap, args.bootstrap_seed)
     json_out = check_writable(args.json, "--json") if args.json else None
-    # Inputs first: a bad file or flag fails in a second, before the network is loaded.
-    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, expected_dims(), args.bootstrap,
-                          dinov2_options(args)[1])
+    dinov2_path, dinov2_resize = dinov2_options(args)
+    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, expected_dims(), args.bootstrap, dinov2_resize)
+    check_weight_files(metrics, args.inception_weights, dinov2_path)
+    return metrics, json_out, inputs
+
+
+def _run(args: argparse.Namespace, metrics: list[str], json_out: Path | None, inputs: EvaluationInputs) -> int:
     extractor = open_extractor(args, metrics)
-    weights = extractor.weights
+    weights = extractor.weights  # Inception's: None when no Inception metric was asked
     if metrics == [METRIC_IS] and not weights.has_classifier:
         raise EvaluationError(weights.is_unavailable_reason())
     if METRIC_IS in metrics and not weights.has_classifier and dist.is_main():
         print(weights.is_unavailable_reason(), file=sys.stderr)
-    report = evaluate_inputs(inputs, extractor, None if args.no_cache else args.cache_dir,
+    report = evaluate_inputs(inputs, extractor, None if args.no_cache else Path(args.cache_dir),
                              bootstrap_seed=args.bootstrap_seed)
     if dist.is_main():
         for line in [*format_report(report, metrics), *format_spread(report, metrics)]:

@@ -24,8 +24,8 @@ from evaluation.errors import EvaluationError
 from evaluation.inception import InceptionWeights
 from evaluation.readahead import read_ahead
 from evaluation.statistics import FeatureStats, InceptionScoreSums
-from launch import dist
-from launch.shard import share_bounds
+from launch.runtime import dist
+from launch.runtime.partition import share_bounds
 
 POOL, SPATIAL, LOGITS = "pool", "spatial", "logits"  # the extractor's output keys (Inception)
 FEATURES = (POOL, SPATIAL, LOGITS)

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from launch.files import DownloadError, FileWriteError, atomic_write, download, file_sha256, torch_hub_checkpoints
+from launch.runtime.errors import UserError
+from launch.runtime.files import (
+    DownloadError,
+    FileWriteError,
+    atomic_write,
+    download,
+    file_sha256,
+    torch_hub_checkpoints,
+)
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_URL = URL_INCEPTION_V3
@@ -76,7 +84,7 @@ _BLOCKS = {"mixed": ("Mixed_5b", _BLOCK_A), "mixed_1": ("Mixed_5c", _BLOCK_A), "
 _TS_PREFIX = "net.layers."
 
 
-class InceptionWeightsError(Exception):
+class InceptionWeightsError(UserError):
     """No usable Inception weights; the message is one line."""
 
 

@@ -30,13 +30,13 @@ from evaluation.errors import EvaluationError
 from evaluation.features import DINOV2, LOGITS, POOL, SPATIAL, FeatureExtractor
 from evaluation.inception import FEATURE_DIMS, INPUT_SIZE, InceptionExtractor, InceptionWeights, resolve_weights
 from evaluation.metrics import FRECHET_FEATURES, MANIFOLD_FEATURES, METRIC_IS
-from evaluation.shards import weights_id
-from launch import dist
-from launch.files import file_sha256
+from launch.runtime import dist
+from launch.runtime.files import file_sha256
 
 INCEPTION_KINDS = frozenset({POOL, SPATIAL, LOGITS})
 DINOV2_KINDS = frozenset({DINOV2})
 ID_CHARS = 16
+FEATURES_VERSION = 1  # bump when what a feature block holds changes
 # How each network turns uint8 images into features, as the protocol records it.
 INCEPTION_GRAPH = "inception-2015-12-05 (ADM's TF graph, torch-fidelity's inception-v3-compat)"
 INCEPTION_RESIZE = f"TF1 bilinear to {INPUT_SIZE}x{INPUT_SIZE}, (x - 128) / 128"
@@ -127,6 +127,11 @@ def cache_tag(network: FeatureExtractor) -> str:
     return getattr(network, "cache_tag", "")
 
 
+def weights_id(weights: InceptionWeights) -> str:
+    """What stored Inception features depend on: the content hash of its weights file (and the block format)."""
+    return f"v{FEATURES_VERSION}-{file_sha256(weights.path)[:ID_CHARS]}"
+
+
 def network_id(network: FeatureExtractor) -> str:
     """The identity of one network's features: `weights_id` for Inception (unchanged, so stored blocks stay
     valid), `<tag>-<sha256 prefix>` for the others."""
@@ -146,9 +151,9 @@ def resolve_network_weights(metrics: Iterable[str], inception_path: str | None, 
     """The weights the metrics need, found and checked (rank 0 first: it may download), before any network
     is built; None for a network no metric needs."""
     metrics = list(metrics)
-    inception = (dist.rank0_first(lambda: resolve_weights(inception_path, allow_download=allow_download))
+    inception = (dist.rank0_then_others(lambda: resolve_weights(inception_path, allow_download=allow_download))
                  if needs_inception(metrics) else None)
-    dino = (dist.rank0_first(lambda: dinov2_network.resolve_dinov2_weights(dinov2_path, allow_download,
+    dino = (dist.rank0_then_others(lambda: dinov2_network.resolve_dinov2_weights(dinov2_path, allow_download,
                                                                     arch=dinov2_network.METRIC_ARCH))
             if needs_dinov2(metrics) else None)
     return inception, dino

@@ -18,8 +18,8 @@ import torch
 
 from evaluation.errors import MetricError
 from evaluation.inception import full_precision
-from launch import dist
-from launch.shard import share_bounds
+from launch.runtime import dist
+from launch.runtime.partition import share_bounds
 
 NEAREST_K = 3
 ROW_BLOCK = 1024

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.errors import EvaluationError
-from launch.files import FileWriteError, file_sha256, read_json, write_json_atomic
+from launch.runtime.files import FileWriteError, file_sha256, read_json, write_json_atomic
 
 PROTOCOL_KEY = "protocol"
 PROTOCOL_VERSION = 1

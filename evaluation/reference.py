@@ -13,18 +13,19 @@ from pathlib import Path
 
 from evaluation.cli import (
     HelpFormatter,
+    add_device_arg,
     add_dinov2_args,
     add_network_args,
-    check_writable,
     dinov2_options,
     open_extractor,
-    run_command,
 )
 from evaluation.errors import EvaluationError
 from evaluation.metrics import METRIC_FD_DINOV2, METRIC_FID, METRIC_SFID
 from evaluation.networks import check_weight_files
 from evaluation.reference_batch import DEFAULT_NUM_IMAGES, DEFAULT_SEED, build_reference, open_source
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
+from launch.runtime.checks import check_positive, check_writable
+from launch.runtime.command import run_command
 
 EXAMPLES = """examples:
   python -m evaluation.reference /data/imagenet/train --image-size 256 --out VIRTUAL_imagenet256.npz
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov2", action="store_true",
                    help="also store FD_DINOv2 statistics (mu_dinov2/sigma_dinov2; _pil with --dinov2-resize pil)")
     add_dinov2_args(p)
+    add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                    help="the evaluator's reference cache, seeded when arr_0 holds every image")
@@ -58,19 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return run_command(lambda: _check(args), _run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.image_size < 1 or args.num_images < 1 or args.batch_size < 1:
-        raise EvaluationError("--image-size, --num-images and --batch-size must be positive")
+def _check(args: argparse.Namespace) -> argparse.Namespace:
+    """Every check before the network loads: counts, the output path, the images."""
+    check_positive({"--image-size": args.image_size, "--num-images": args.num_images,
+                    "--eval-batch-size": args.eval_batch_size})
     if Path(args.out).exists() and not args.overwrite:
         raise EvaluationError(f"--out {args.out} exists; pass --overwrite to rebuild it or choose another path")
     check_writable(args.out, "--out")
-    open_source(Path(args.images))  # fail fast, before loading the network
-    metrics = [METRIC_FID, METRIC_SFID, *([METRIC_FD_DINOV2] if args.dinov2 else [])]
-    check_weight_files(metrics, args.inception_weights, dinov2_options(args)[0])
-    extractor = open_extractor(args, metrics)
+    open_source(Path(args.images))
+    check_weight_files(_metrics(args), args.inception_weights, dinov2_options(args)[0])
+    return args
+
+
+def _metrics(args: argparse.Namespace) -> list[str]:
+    """The statistics the reference file gets: ADM's, and FD_DINOv2's with --dinov2."""
+    return [METRIC_FID, METRIC_SFID, *([METRIC_FD_DINOV2] if args.dinov2 else [])]
+
+
+def _run(args: argparse.Namespace) -> int:
+    extractor = open_extractor(args, _metrics(args))
     out = build_reference(args.images, args.image_size, args.out, extractor, args.num_images, args.seed,
                           cache_dir=None if args.no_cache else args.cache_dir)
     if out is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.batches import IMAGES_KEY, BatchError, NpzBatch, NpzWriter
+from evaluation.batches import IMAGES_KEY, RGB_CHANNELS, BatchError, NpzBatch, NpzWriter
 from evaluation.errors import EvaluationError
 from evaluation.features import DINOV2, FeatureAccumulator, FeatureExtractor, extract_chunks
 from evaluation.inputs import statistics_keys
@@ -37,10 +37,10 @@ from evaluation.reference_cache import (
     reference_stats,
 )
 from evaluation.statistics import MIN_COV_IMAGES
-from launch import dist
-from launch.files import available_cpus
-from launch.images import center_crop
-from launch.shard import share_bounds
+from launch.runtime import dist
+from launch.runtime.files import available_cpus
+from launch.runtime.images import center_crop
+from launch.runtime.partition import share_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_recursively
 NPZ_SUFFIX = ".npz"
@@ -184,7 +184,7 @@ def choose_subset(total: int, count: int, seed: int) -> np.ndarray:
 
 def warn_upsampled(decoder: Decoder, total: int) -> None:
     """One warning (rank 0) with the number of images, over all ranks, smaller than the target size."""
-    (count,) = dist.all_reduce_counts([float(decoder.upsampled)])
+    (count,) = dist.sum_over_ranks([float(decoder.upsampled)])
     if count and dist.is_main():
         warnings.warn(f"{int(count)} of {total} images have a short side below --image-size {decoder.size} and "
                       "were upsampled (bicubic): their statistics describe blurred images", stacklevel=2)
@@ -217,7 +217,8 @@ def build_reference(source: str | os.PathLike, image_size: int, out: str | os.Pa
     chunk_size = chunk_size or extractor.batch_size
     rows = share_bounds(total, dist.rank(), dist.world_size())
     subset = choose_subset(total, num_images, seed)
-    writer = NpzWriter(out, len(subset), image_size, image_size) if dist.is_main() else None
+    writer = (NpzWriter(out, IMAGES_KEY, len(subset), (image_size, image_size, RGB_CHANNELS)) if dist.is_main()
+              else None)
     chosen = set(subset.tolist())
     decoder = Decoder(image_size)
 

@@ -25,8 +25,8 @@ from evaluation.features import POOL, BatchFeatures, FeatureAccumulator, Feature
 from evaluation.inputs import CheckedBatch, Gaussian
 from evaluation.metrics import FRECHET_FEATURES, MANIFOLD_FEATURES
 from evaluation.networks import cache_tag, combine, networks_of
-from launch import dist
-from launch.files import FileWriteError, atomic_write
+from launch.runtime import dist
+from launch.runtime.files import FileWriteError, atomic_write
 
 CACHE_VERSION = 1  # bump when extraction changes what a cached reference holds
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dit-fid" / "reference"
@@ -156,7 +156,7 @@ def load_reference(ref: CheckedBatch, metrics: Iterable[str], extractor: Feature
         return Reference(num_images, statistics, {}, GIVEN if statistics else COMPUTED)
     nets = [net for net in networks_of(extractor) if set(net.feature_dims) & missing]
     files = [network_cache_file(cache_dir, batch.path, net) if cache_dir else None for net in nets]
-    found = dist.main_only(lambda: [_load_cache(f) if f is not None and f.is_file() else None for f in files])
+    found = dist.rank0_shares(lambda: [_load_cache(f) if f is not None and f.is_file() else None for f in files])
     todo = [net for net, hit in zip(nets, found) if hit is None]
     cached: dict[str, np.ndarray] = {}
     for hit in found:

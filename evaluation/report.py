@@ -48,7 +48,7 @@ from evaluation.precision_recall import NEAREST_K, precision_recall
 from evaluation.protocol import PROTOCOL_KEY, evaluation_protocol, with_counts
 from evaluation.reference_cache import COMPUTED, DEFAULT_CACHE_DIR, GIVEN, Reference, load_reference
 from evaluation.statistics import IS_SPLIT_SIZE
-from launch import dist
+from launch.runtime import dist
 
 BatchInput = str | os.PathLike | ImageBatch
 STATS_LABELS = {POOL: "sample pool_3", SPATIAL: "sample spatial", DINOV2: "sample DINOv2"}
@@ -76,7 +76,7 @@ def report_metrics(reference: Reference, sample: BatchFeatures, metrics: Iterabl
         return frechet_distance(*mine, *reference.statistics[kind], name=PRINT_NAMES[m])
 
     # The Frechet distances are a few seconds of float64 linear algebra: rank 0 computes, all ranks receive.
-    report.update(dist.main_only(lambda: {JSON_KEYS[m]: frechet(m) for m in ALL_METRICS
+    report.update(dist.rank0_shares(lambda: {JSON_KEYS[m]: frechet(m) for m in ALL_METRICS
                                           if m in wanted and m in FRECHET_FEATURES}))
     for kind, pair in MANIFOLD_PAIRS.items():  # pool_3 (ADM's), DINOv2's
         if wanted & set(pair):
@@ -120,7 +120,7 @@ def evaluate_inputs(inputs: EvaluationInputs, extractor: FeatureExtractor,
     report.update(run_facts(inputs, reference, extractor, time.perf_counter() - t0))
     if inputs.bootstrap:
         report["bootstrap"] = {"resamples": inputs.bootstrap, "seed": bootstrap_seed}
-    protocol = dist.main_only(lambda: report_protocol(inputs.ref.batch.path, extractor, inputs.bootstrap,
+    protocol = dist.rank0_shares(lambda: report_protocol(inputs.ref.batch.path, extractor, inputs.bootstrap,
                                                       bootstrap_seed, cache_dir))
     report[PROTOCOL_KEY] = with_counts(protocol, *counts(inputs, reference))
     return report

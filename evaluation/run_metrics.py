@@ -27,15 +27,16 @@ from evaluation.features import FeatureAccumulator, FeatureExtractor
 from evaluation.inception import InceptionExtractor
 from evaluation.inputs import REFERENCE, CheckedBatch, EvaluationInputs, check_batch, check_inputs
 from evaluation.metrics import MANIFOLD_METRICS, METRIC_IS, parse_metrics
-from evaluation.networks import FeatureNetworks, expected_dims, features_id, resolve_network_weights
+from evaluation.networks import FeatureNetworks, expected_dims, features_id, resolve_network_weights, weights_id
 from evaluation.precision_recall import NEAREST_K
 from evaluation.protocol import PROTOCOL_KEY, with_counts
 from evaluation.reference_cache import Reference, load_reference
 from evaluation.report import counts, report_metrics, report_protocol, run_facts, sample_accumulator
 from evaluation.statistics import MIN_COV_IMAGES
-from launch import dist
+from launch.runtime import dist
 
 SAMPLES_FLAG = "--num-fid-samples"
+__all__ = ["RunEvaluation", "check_reference", "check_run_inputs", "weights_id"]  # weights_id: evaluation.networks
 
 
 class SampledImages(ImageBatch):
@@ -55,6 +56,9 @@ def check_reference(ref: str | os.PathLike, metrics: str,
     chosen = tuple(parse_metrics(metrics))
     if dinov2_resize not in RESIZE_MODES:
         raise EvaluationError(f"{RESIZE_FLAG} {dinov2_resize!r}: choose from {', '.join(RESIZE_MODES)}")
+    if Path(ref).is_dir():
+        raise EvaluationError(f"--ref {ref} is a folder; pass the reference batch file (.npz), e.g. one built by "
+                              "python -m evaluation.reference")
     if not Path(ref).is_file():
         raise EvaluationError(f"--ref {ref}: no such file; pass the reference batch (.npz) to compare with")
     try:
@@ -110,8 +114,8 @@ class RunEvaluation:
             nets.append(DinoV2Extractor(dino, device, batch_size, dinov2_resize))
         extractor = FeatureNetworks(nets)
         reference = load_reference(reference_batch, metrics, extractor, cache_dir, batch_size)
-        identity = dist.main_only(lambda: features_id(extractor))
-        protocol = dist.main_only(lambda: report_protocol(reference_batch.batch.path, extractor, bootstrap,
+        identity = dist.rank0_shares(lambda: features_id(extractor))
+        protocol = dist.rank0_shares(lambda: report_protocol(reference_batch.batch.path, extractor, bootstrap,
                                                           bootstrap_seed, cache_dir))
         return cls(reference_batch, metrics, extractor, reference, identity, bootstrap, bootstrap_seed,
                    dinov2_resize, protocol)

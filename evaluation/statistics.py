@@ -1,7 +1,7 @@
 """Running statistics of Inception features that shards of a batch can sum exactly (EDM's fid.py style).
 
 - `FeatureStats`: count, sum and sum of outer products in float64 (FID, sFID), kept on the device the
-  features come from; `reduce()` all-reduces them over the ranks of `launch.dist`.
+  features come from; `reduce()` all-reduces them over the ranks of `launch.runtime.dist`.
 - `InceptionScoreSums`: per-split sums for ADM's Inception Score (consecutive splits of 5000 by global image
   index): n, A = sum_x sum_y p log p and S = sum_x p, so that mean_x KL(p(.|x) || pbar) = (A - sum_y S_y
   log(S_y / n)) / n; `reduce()` all-reduces them too.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from evaluation.errors import MetricError
-from launch import dist
+from launch.runtime import dist
 
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score
 MIN_COV_IMAGES = 2  # a covariance (ddof 1) needs two
@@ -69,7 +69,7 @@ class FeatureStats:
         device = dist.info().device
         self.total = dist.all_reduce_sum(self.total.to(device))
         self.outer = dist.all_reduce_sum(self.outer.to(device))
-        (count,) = dist.all_reduce_counts([float(self.count)])
+        (count,) = dist.sum_over_ranks([float(self.count)])
         self.count = int(round(count))
         return self
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import sample_ddp
-from launch.exits import exit_process
+from launch.runtime.command import exit_process, run_command
+from launch.runtime.errors import UserError
+from sampling.config import SampleConfig
+from sampling.options import build_parser as sampler_parser
+from sampling.options import config_from_args
+from sampling.run import run
 
 EXAMPLES = """examples:
   torchrun --standalone --nproc_per_node=8 -m launch.pipeline --ref VIRTUAL_imagenet256_labeled.npz \\
@@ -28,18 +32,17 @@ EXAMPLES = """examples:
 """
 
 
-class PipelineError(Exception):
-    """An argument the pipeline cannot use; the message is one line."""
+class PipelineError(UserError):
+    """An argument the pipeline cannot use."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return sample_ddp.build_parser(require_ref=True, prog="python -m launch.pipeline",
-                                   description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    return sampler_parser(__doc__.split("\n\n")[0], EXAMPLES, prog="python -m launch.pipeline", require_ref=True)
 
 
-def _prepare(args: argparse.Namespace) -> sample_ddp.SampleConfig:
+def _prepare(args: argparse.Namespace) -> SampleConfig:
     """The sampler's config, after every check that needs no model: bad input fails before any sampling."""
-    cfg = sample_ddp.config_from_args(args)
+    cfg = config_from_args(args)
     if cfg.no_npz:
         raise PipelineError("--no-npz: the pipeline writes <run>.npz beside its metrics; use --save none to keep "
                             "only the features, the metrics and grid.png")
@@ -50,7 +53,7 @@ def _prepare(args: argparse.Namespace) -> sample_ddp.SampleConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag exits 2 here (argparse)
-    return sample_ddp.run_sampling_command(lambda: _prepare(args), sample_ddp.run, (PipelineError,))
+    return run_command(lambda: _prepare(args), run)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from evaluation import dinov2
 from evaluation.inception import TORCH_FIDELITY_URL, TORCH_FIDELITY_WEIGHTS, InceptionWeightsError, resolve_weights
-from launch.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
-from launch.files import (
+from launch.runtime.command import run_command
+from launch.runtime.errors import EXIT_FAILED, EXIT_OK, UserError
+from launch.runtime.files import (
     DownloadError,
     FileWriteError,
     download,
@@ -67,7 +68,7 @@ EXAMPLES = """examples:
 """
 
 
-class PrefetchError(Exception):
+class PrefetchError(UserError):
     """An item cannot be fetched or does not load; the message is one line."""
 
 
@@ -323,19 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: plan_items(args), lambda items: fetch_all(items, args.dry_run))
+
+
+def plan_items(args: argparse.Namespace) -> list[UrlItem | HubItem]:
+    """What to fetch, from the flags (every item when none is named); one line naming a bad flag value."""
     everything = args.models is None and args.vae is None and not args.inception and not args.dinov2
-    try:
-        models = _split(args.models, list(_model_choices()), "--models") if args.models is not None else []
-        vaes = _split(args.vae, list(_vae_choices()), "--vae") if args.vae is not None else []
-    except PrefetchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    models = _split(args.models, list(_model_choices()), "--models") if args.models is not None else []
+    vaes = _split(args.vae, list(_vae_choices()), "--vae") if args.vae is not None else []
     if everything:
         models, vaes = list(_model_choices()), list(_vae_choices())
+    return build_items(models, vaes, args.inception or everything, args.dinov2 or everything)
+
+
+def fetch_all(items: list[UrlItem | HubItem], dry_run: bool) -> int:
+    """Fetch and check every item (or say what would be fetched); exit 1 when any could not be."""
     failed = 0
-    for item in build_items(models, vaes, args.inception or everything, args.dinov2 or everything):
+    for item in items:
         try:
-            print(prefetch_item(item, args.dry_run), flush=True)
+            print(prefetch_item(item, dry_run), flush=True)
         except PrefetchError as exc:
             failed += 1
             print(f"{item.name}: NOT fetched: {exc}", flush=True)

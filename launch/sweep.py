@@ -24,12 +24,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import sample_ddp
-from diffusion.rng import class_labels
 from evaluation.metrics import JSON_KEYS, METRICS, STD_SUFFIX
-from launch import dist
-from launch.exits import EXIT_OK, EXIT_PREEMPTED, exit_process
-from launch.files import atomic_write, write_json_atomic
+from launch.runtime import dist
+from launch.runtime.checks import check_writable_dir
+from launch.runtime.command import exit_process, run_command
+from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from launch.runtime.files import atomic_write, write_json_atomic
+from sampling.config import SAVE_NONE, SampleConfig, validate
+from sampling.finish import finish_folder
+from sampling.network import build_sampler, load_network
+from sampling.options import build_parser as sampler_parser
+from sampling.options import config_from_args
+from sampling.run import PREEMPTED_LINE, Outcome, open_evaluation, run_labels, sample_folder, start_process
 
 SWEEP_SAMPLES = 10_000  # FID-10K per point, the usual budget of a guidance sweep
 NO_INTERVAL = "none"
@@ -46,13 +52,17 @@ EXAMPLES = """examples:
 """
 
 
-class SweepError(Exception):
-    """A sweep argument that cannot be used; the message is one line."""
+class SweepError(UserError):
+    """A sweep argument that cannot be used."""
+
+
+SWEEP_FLAGS = {"--cfg-scale": "--cfg-scales", "--guidance-interval": "--guidance-intervals",
+               "--num-sampling-steps": "--steps"}  # the sweep's grid flags name the sampler's values
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    cfg: sample_ddp.SampleConfig
+    cfg: SampleConfig
 
     @property
     def setting(self) -> str:
@@ -62,9 +72,8 @@ class Point:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = sample_ddp.build_parser(require_ref=True, prog="python -m launch.sweep",
-                                description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
-    p.set_defaults(num_fid_samples=SWEEP_SAMPLES, save=sample_ddp.SAVE_NONE)
+    p = sampler_parser(__doc__.split("\n\n")[0], EXAMPLES, prog="python -m launch.sweep", require_ref=True)
+    p.set_defaults(num_fid_samples=SWEEP_SAMPLES, save=SAVE_NONE)
     g = p.add_argument_group("sweep")
     g.add_argument("--cfg-scales", required=True, help="comma-separated guidance scales, e.g. 1,1.5,2,4")
     g.add_argument("--guidance-intervals", default=NO_INTERVAL,
@@ -102,8 +111,9 @@ def _intervals(text: str) -> list[tuple[float, float] | None]:
 
 
 def plan_points(args: argparse.Namespace) -> list[Point]:
-    """The grid, every point's config validated (one line naming the flag otherwise), before any work."""
-    base = sample_ddp.config_from_args(args)
+    """The grid, every point's config validated (one line naming the sweep's flag otherwise), and the output
+    folder tried, before any work."""
+    base = config_from_args(args)
     if base.pack_only:
         raise SweepError("--pack-only: a sweep samples and evaluates; pack a point with sample_ddp.py --pack-only")
     scales = _numbers(args.cfg_scales, "--cfg-scales", float)
@@ -111,38 +121,41 @@ def plan_points(args: argparse.Namespace) -> list[Point]:
     points = []
     for interval, n_steps, scale in itertools.product(_intervals(args.guidance_intervals), steps, scales):
         cfg = dataclasses.replace(base, cfg_scale=scale, guidance_interval=interval, num_sampling_steps=n_steps)
-        sample_ddp.validate(cfg)
+        validate(cfg, SWEEP_FLAGS)
         points.append(Point(cfg))
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
         raise SweepError("sweep.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
+    check_writable_dir(args.sweep_dir or base.sample_dir, "--sweep-dir" if args.sweep_dir else "--sample-dir")
     return points
 
 
 def run_sweep(points: list[Point], sweep_dir: Path, plot: bool) -> int:
-    """Every point in turn on every rank with one model and one Inception; rank 0 finishes each point and
-    writes the sweep files at the end. Returns an exit code."""
+    """Every point on every rank with one model and one feature network, in the run's order: each point's
+    folder sampled and its report reduced; then, after the last collective, rank 0 finishes every point (grid,
+    .npz, metrics) and writes the sweep files. Returns an exit code."""
     base = points[0].cfg
-    info = sample_ddp.setup_process(base)
-    labels = class_labels(base.num_fid_samples, base.num_classes, base.global_seed, base.label_sampling)
-    network = sample_ddp.open_network(base, info)
-    evaluation = sample_ddp.open_evaluation(base, info.device)
-    rows = []
-    for k, point in enumerate(points):
+    info = start_process(base)
+    labels = run_labels(base)
+    network = load_network(base, info.device)
+    samplers = [build_sampler(point.cfg, network) for point in points]  # every point checked against the model
+    evaluation = open_evaluation(base, info.device)
+    outcomes: list[Outcome] = []
+    for k, (point, sampler) in enumerate(zip(points, samplers)):
         cfg = point.cfg
         dist.print0(f"sweep point {k + 1}/{len(points)}: cfg scale {cfg.cfg_scale}, {point.setting}")
-        net = network
-        if cfg.num_sampling_steps != network.sampler.steps:
-            net = dataclasses.replace(network, sampler=sample_ddp.build_sampler(cfg, network.model, network.meta))
-        stopped, report = sample_ddp.sample_run(cfg, info, net, labels, evaluation)
-        if stopped:
-            dist.print0("preemption signal received: rerun the same command to resume the sweep")
+        outcome = sample_folder(cfg, info, network, sampler, labels, evaluation)
+        if outcome.stopped:
+            dist.print0(PREEMPTED_LINE)
             return EXIT_PREEMPTED
-        if info.is_main:  # a few seconds with --save none/npz; the other ranks wait at the barrier
-            sample_ddp.finish_run(cfg, labels, report)
-            dist.clear_reports(cfg.run_dir)
-            rows.append(point_row(point, report))
-        dist.barrier()
+        outcomes.append(outcome)
+    dist.barrier()  # every rank's files are on disk; rank 0 finishes alone, with no collective pending
+    dist.shutdown()
     if info.is_main:
+        rows = []
+        for point, outcome in zip(points, outcomes):
+            dist.clear_reports(point.cfg.run_dir)
+            finish_folder(point.cfg, outcome.run, outcome.report)
+            rows.append(point_row(point, outcome.report))
         write_sweep(rows, sweep_dir, base, plot)
     return EXIT_OK
 
@@ -160,7 +173,7 @@ def point_row(point: Point, report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_sweep(rows: list[dict[str, Any]], sweep_dir: Path, base: sample_ddp.SampleConfig, plot: bool) -> None:
+def write_sweep(rows: list[dict[str, Any]], sweep_dir: Path, base: SampleConfig, plot: bool) -> None:
     json_path, csv_path, png_path = (sweep_dir / name for name in SWEEP_FILES)
     write_json_atomic(json_path, {"reference_batch": str(Path(base.ref).resolve()), "metrics": base.metrics,
                                   "num_samples": base.num_fid_samples, "points": rows}, fsync=False)
@@ -233,12 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag exits 2 here (argparse)
 
     def sweep(points: list[Point]) -> int:
-        code = run_sweep(points, Path(args.sweep_dir or points[0].cfg.sample_dir), not args.no_plot)
-        dist.barrier()
-        dist.shutdown()
-        return code
+        return run_sweep(points, Path(args.sweep_dir or points[0].cfg.sample_dir), not args.no_plot)
 
-    return sample_ddp.run_sampling_command(lambda: plan_points(args), sweep, (SweepError,))
+    return run_command(lambda: plan_points(args), sweep)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
-from launch.exits import EXIT_FAILED
+from launch.runtime.errors import EXIT_FAILED
 
 FORWARDED_SIGNALS = (signal.SIGUSR1,)
 SIGNAL_EXIT_BASE = 128  # exit codes above this mean "killed by signal (code - 128)"

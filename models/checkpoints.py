@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from launch.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
+from launch.runtime.errors import UserError
+from launch.runtime.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS, LATENT_CHANNELS, MLP_RATIO, DiT
 from models.vae import Codec
 
@@ -46,7 +47,7 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _MAX_KEYS_SHOWN = 3
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be found, read, or does not fit the requested model (one-line message)."""
 
 
@@ -447,7 +448,7 @@ def official_cache_path(image_size: int, cache_dir: str | os.PathLike | None = N
 def official_checkpoint(image_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the official DiT-XL/2 checkpoint for ``image_size`` (256 or 512), downloaded if not cached.
 
-    Call it on rank 0 first (``launch.dist.rank0_first``); the others then find the cached file.
+    Call it on rank 0 first (``launch.runtime.dist.rank0_then_others``); the others then find the cached file.
     """
     path = official_cache_path(image_size, cache_dir)
     if path.is_file():

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
-from launch.exits import EXIT_OK, exit_code_of
-from launch.files import FileWriteError, atomic_write
-from launch.images import center_crop
-from launch.shard import share_bounds
+from diffusion.rng import STREAM_DATA_FLIP, STREAM_DATA_ORDER, STREAM_LATENT_CHUNK, keyed_generator, stream_key
+from launch.runtime.command import run_command
+from launch.runtime.errors import EXIT_OK, UserError
+from launch.runtime.files import atomic_write
+from launch.runtime.images import center_crop
+from launch.runtime.partition import share_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 DIGITS_SOURCE_SIZE = 8  # sklearn digits are 8x8
@@ -43,15 +44,14 @@ UINT8_MAX = 255.0
 RGB_CHANNELS = 3
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 CHANNEL_CHOICES = (1, 3)
-FLIP_SEED_OFFSET = 0x5F1F  # separates the flip stream from the shuffling stream of the same epoch
-LATENT_CHUNK = 32  # images per VAE encode call; each chunk has its own noise seed (latent_chunk_seed)
-LATENT_SEED_STRIDE = 2**32  # latent_chunk_seed = seed * 2**32 + chunk
+LATENT_CHUNK = 32  # images per VAE encode call; each chunk has its own noise stream (latent_chunk_key)
+LATENT_NOISE_RULE = "keyed_generator(stream_key(3, seed, chunk))"  # recorded in each latent shard's source
 LATENT_SHARDS_KEY = "shards"  # a sharded cache index names its shard files under this key
 LATENT_SHARD_SUFFIX = ".shards"  # shards of cache X live in X.shards/
 LATENT_SHARD_DIGITS = 9  # X.shards/000000000-000000032.pt
 
 
-class DataError(Exception):
+class DataError(UserError):
     """The training data cannot be used (one-line message naming the path or flag)."""
 
 
@@ -281,9 +281,9 @@ def _load_shard(index: str | os.PathLike, name: str) -> dict[str, Any]:
     return blob
 
 
-def latent_chunk_seed(seed: int, chunk: int) -> int:
-    """Seed of the posterior noise of chunk ``chunk`` (items [chunk * LATENT_CHUNK, ...)): no world-size term."""
-    return seed * LATENT_SEED_STRIDE + chunk
+def latent_chunk_key(seed: int, chunk: int) -> list[int]:
+    """Key of the posterior noise of chunk ``chunk`` (items [chunk * LATENT_CHUNK, ...)): no world-size term."""
+    return stream_key(STREAM_LATENT_CHUNK, seed, chunk)
 
 
 def latent_shard_bounds(num_items: int, part: int, parts: int, chunk: int = LATENT_CHUNK) -> tuple[int, int]:
@@ -317,7 +317,7 @@ def encode_latent_shard(
 ) -> Path | None:
     """Encode process ``part``'s share of the images and their mirrors (one posterior sample each, as fast-DiT).
 
-    The share is whole chunks (`latent_shard_bounds`); chunk k draws its noise from `latent_chunk_seed`
+    The share is whole chunks (`latent_shard_bounds`); chunk k draws its noise from `latent_chunk_key`
     (seed, k), so the cache does not depend on how many processes made it. The shard holds ``latents``
     float16 [n, 2, C, h, w], ``labels`` [n], ``start`` and ``source`` (what it was made from); an existing
     shard with the same source is kept (an interrupted encoding resumes). None when the share is empty.
@@ -327,7 +327,13 @@ def encode_latent_shard(
     if stop <= start:
         return None
     out = latent_shard_path(index, start, stop)
-    source = {"seed": seed, "chunk": chunk, "num_items": len(dataset), "class_to_idx": _class_map(dataset)}
+    source = {
+        "seed": seed,
+        "noise_rule": LATENT_NOISE_RULE,
+        "chunk": chunk,
+        "num_items": len(dataset),
+        "class_to_idx": _class_map(dataset),
+    }
     if _shard_source(out) == source:
         return out
     keys = [[(i, False) for i in range(a, min(a + chunk, stop))] for a in range(start, stop, chunk)]
@@ -335,7 +341,7 @@ def encode_latent_shard(
     device = getattr(codec, "device", "cpu")
     latents, labels = [], []
     for k, (x, y) in enumerate(loader, start=start // chunk):  # x [B, 3, H, W], y [B]
-        generator = torch.Generator(device=device).manual_seed(latent_chunk_seed(seed, k))
+        generator = keyed_generator(latent_chunk_key(seed, k), device)
         z = codec.encode(torch.cat([x, x.flip(-1)]), generator=generator).cpu()  # [2B, C, h, w]
         latents.append(torch.stack([z[: len(y)], z[len(y) :]], dim=1).half())
         labels.append(y.long())
@@ -375,9 +381,10 @@ def _class_map(dataset: Dataset) -> dict[str, int]:
 class EpochPlan:
     """Which (index, flip) keys each rank reads at every micro-batch, from (seed, epoch) alone.
 
-    Shuffling is DistributedSampler's (permutation seeded by seed + epoch, every rank its stride);
-    an incomplete last batch of a rank is dropped, so all ranks take the same number of batches.
-    Flips: one Bernoulli(0.5) per image and epoch from a generator seeded with the epoch.
+    Shuffling: a permutation from the keyed stream (seed, epoch), cut to a multiple of the world size, every
+    rank its stride (DistributedSampler's layout with drop_last; its seed + epoch rule made seed 1 epoch 0
+    the same order as seed 0 epoch 1). An incomplete last batch of a rank is dropped, so all ranks take the
+    same number of batches. Flips: one Bernoulli(0.5) per image and epoch from the keyed stream (seed, epoch).
     """
 
     def __init__(
@@ -397,10 +404,8 @@ class EpochPlan:
         self.seed = seed
         self.hflip = hflip
         self.shuffle = shuffle
-        self.sampler = DistributedSampler(
-            range(num_items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
-        )
-        self.batches_per_epoch = len(self.sampler) // batch_size
+        self.per_rank = num_items // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch < 1:
             raise DataError(
                 f"{num_items} training items give no full batch of {batch_size} per process on "
@@ -408,10 +413,14 @@ class EpochPlan:
             )
 
     def epoch_keys(self, epoch: int) -> list[tuple[int, bool]]:
-        self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)
+        if self.shuffle:
+            order = torch.randperm(self.num_items, generator=keyed_generator(stream_key(STREAM_DATA_ORDER, self.seed,
+                                                                                          epoch)))
+        else:
+            order = torch.arange(self.num_items)
+        indices = order[: self.per_rank * self.world_size][self.rank :: self.world_size].tolist()
         if self.hflip:
-            g = torch.Generator().manual_seed(self.seed * FLIP_SEED_OFFSET + epoch)
+            g = keyed_generator(stream_key(STREAM_DATA_FLIP, self.seed, epoch))
             flips = (torch.rand(self.num_items, generator=g) < 0.5).tolist()  # same on every rank
         else:
             flips = [False] * self.num_items
@@ -445,7 +454,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"wrote {sum(1 for _ in out.rglob('*.png'))} images to {out}")
         return EXIT_OK
 
-    return exit_code_of(body, (DataError, FileWriteError))
+    return run_command(lambda: None, lambda _: body())
 
 
 if __name__ == "__main__":

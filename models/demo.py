@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from launch.exits import EXIT_BAD_INPUT
-from launch.files import FileWriteError, atomic_write
+from launch.runtime.command import run_command
+from launch.runtime.files import atomic_write
 from models.checkpoints import CUSTOM_MODEL
 from models.dit import DIT_CONFIGS, DiT
 
@@ -56,7 +55,7 @@ def save_checkpoint(net: DiT, config: dict, out: str | os.PathLike) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command line: build the model and write the checkpoint."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -73,16 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patch-size", type=int, default=2, help="custom only")
     a = p.parse_args(argv)
     arch = dict(depth=a.depth, hidden_size=a.hidden_size, num_heads=a.num_heads, patch_size=a.patch_size)
-    net, config = untrained_dit(
-        a.model, a.image_size, a.channels, a.num_classes, seed=a.seed, **(arch if a.model == CUSTOM_MODEL else {})
-    )
-    try:
-        path = save_checkpoint(net, config, a.out)
-    except FileWriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT) from None
-    print(f"wrote {path}: {a.model} with UNTRAINED random weights (samples will not look like anything)")
+
+    def body(args: argparse.Namespace) -> int:
+        net, config = untrained_dit(args.model, args.image_size, args.channels, args.num_classes, seed=args.seed,
+                                    **(arch if args.model == CUSTOM_MODEL else {}))
+        path = save_checkpoint(net, config, args.out)
+        print(f"wrote {path}: {args.model} with UNTRAINED random weights (samples will not look like anything)")
+        return 0
+
+    return run_command(lambda: a, body)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,9 +1,10 @@
 """Training-only pieces: configuration, label dropout, loss assembly, EMA, learning rate, checkpoints.
 
 The loop itself lives in ``train.py``; everything here is a small function of plain values so that it can
-be tested against closed forms. Randomness is reseeded at every micro-batch from
-``(global_seed, micro-batch index, rank)`` (:func:`micro_batch_seed`), so a resumed run draws exactly the
-timesteps, noise and dropped labels of an uninterrupted one without storing generator states.
+be tested against closed forms. Randomness is reseeded at every micro-batch from the key
+``(global_seed, micro-batch index * world size + rank)`` (:func:`seed_micro_batch`), so a resumed run draws
+exactly the timesteps, noise and dropped labels of an uninterrupted one without storing generator states, and
+no two global seeds, micro-batches or ranks share a stream (the whole key seeds the generator, not 32 bits).
 
 Checkpoint format (``torch.load(weights_only=True)`` safe: tensors, dicts, lists, numbers, strings)::
 
@@ -29,8 +30,10 @@ from torch import nn
 
 from diffusion import DiffusionError, LossWeighting, create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from launch.exits import EXIT_OK, exit_code_of
-from launch.files import FileWriteError, available_cpus, os_reason
+from diffusion.rng import STREAM_TRAIN_INIT, STREAM_TRAIN_MICRO_BATCH, seed_global_generators, stream_key
+from launch.runtime.command import run_command
+from launch.runtime.errors import EXIT_OK, UserError
+from launch.runtime.files import available_cpus, os_reason
 from models.data import save_torch
 from models.dit import CLASS_DROPOUT_PROB, DIT_CONFIGS
 from models.vae import CODEC_CHOICES, CODEC_NONE
@@ -39,7 +42,6 @@ CUSTOM_MODEL = "custom"
 DEFAULT_EMA_DECAY = 0.9999  # DiT
 DEFAULT_LR = 1e-4  # DiT (AdamW, no weight decay)
 EMA_WARMUP_OFFSET = 10.0  # warm-up decay min(decay, (1 + step) / (10 + step))
-SEED_STRIDE = 2**32  # micro_batch_seed = global_seed * 2**32 + micro_index * world + rank
 CHECKPOINT_DIGITS = 7  # checkpoints/0001000.pt, as DiT
 CHECKPOINT_RE = re.compile(r"^(\d+)\.pt$")
 CHECKPOINT_KEYS = ("model", "ema", "opt", "config", "step", "class_to_idx", "rng")
@@ -64,7 +66,7 @@ ARCH_KEYS = (
 )
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A training input is unusable (one-line message naming the flag or file)."""
 
 
@@ -226,19 +228,24 @@ def image_workers(cfg: TrainConfig, local_world_size: int) -> int:
 # ------------------------------------------------------------------------------------------ randomness
 
 
-def micro_batch_seed(global_seed: int, micro_index: int, rank: int, world_size: int) -> int:
-    """Seed of one rank's micro-batch: unique over (micro-batch, rank), independent of how the run was cut."""
-    return global_seed * SEED_STRIDE + micro_index * world_size + rank
+RNG_RULE = ("torch's global generators seeded by MT19937 init_by_array of the key (micro-batch: 2, global_seed, "
+            "micro_index * world_size + rank; weight init: 1, global_seed), each number as two 32-bit words")
 
 
-def init_seed(global_seed: int) -> int:
-    """Seed of the weight initialisation: the last seed of the global seed's block, never a micro-batch's."""
-    return global_seed * SEED_STRIDE + SEED_STRIDE - 1
+def micro_batch_key(global_seed: int, micro_index: int, rank: int, world_size: int) -> list[int]:
+    """Key of one rank's micro-batch: unique over (global seed, micro-batch, rank), independent of how the run
+    was cut (resumed runs reuse the same keys)."""
+    return stream_key(STREAM_TRAIN_MICRO_BATCH, global_seed, micro_index * world_size + rank)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed the global CPU (and CUDA) generators that draw t, the noise and the dropped labels."""
-    torch.manual_seed(seed)
+def init_key(global_seed: int) -> list[int]:
+    """Key of the weight initialisation (its own purpose word: never a micro-batch's key)."""
+    return stream_key(STREAM_TRAIN_INIT, global_seed)
+
+
+def seed_everything(key: list[int]) -> None:
+    """Seed the global CPU (and CUDA) generators that draw t, the noise and the dropped labels from `key`."""
+    seed_global_generators(key)
 
 
 def label_drop_mask(batch_size: int, prob: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -474,7 +481,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
         return EXIT_OK
 
-    return exit_code_of(body, (TrainError, FileWriteError))
+    return run_command(lambda: None, lambda _: body())
 
 
 if __name__ == "__main__":

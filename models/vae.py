@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from launch.files import env_true, hf_hub_cache
+from launch.runtime.errors import UserError
+from launch.runtime.files import env_true, hf_hub_cache
 
 VAE_SCALE_FACTOR = 0.18215  # latent scaling of the SD VAE (Rombach et al. 2022), as used by DiT
 VAE_REPOS: dict[str, str] = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -35,7 +36,7 @@ HUB_PROBE_TIMEOUT_S = 3.0  # TCP connect to the hub endpoint before trying a dow
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
-class CodecError(Exception):
+class CodecError(UserError):
     """The codec cannot be loaded (one-line message naming the flag to fix)."""
 
 

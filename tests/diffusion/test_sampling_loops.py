@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffusion import DiffusionError, create_diffusion
+from diffusion.loop import Timestep, sample_loop
 from diffusion.rng import SampleNoise
-from diffusion.sampling import Timestep, sample_loop
 
 T = 1000
 

@@ -26,7 +26,7 @@ from evaluation.protocol import (
     sampling_field,
 )
 from evaluation.report import evaluate
-from launch.files import file_sha256
+from launch.runtime.files import file_sha256
 
 
 @pytest.fixture(scope="module")

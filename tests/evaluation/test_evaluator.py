@@ -25,12 +25,13 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from evaluation import reference_cache
 from evaluation import report as report_module
 from evaluation.errors import EvaluationError
-from evaluation.evaluator import evaluate, main
+from evaluation.evaluator import main
 from evaluation.inception import InceptionExtractor
 from evaluation.inputs import check_batch
 from evaluation.reference_cache import load_reference
+from evaluation.report import evaluate
 from evaluation.statistics import InceptionScoreSums
-from launch import dist
+from launch.runtime import dist
 
 ADM_LINES = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 

@@ -19,10 +19,9 @@ from evaluation import networks
 from evaluation.dinov2 import DINOV2_FEATURE, DinoV2Extractor
 from evaluation.evaluator import main
 from evaluation.features import FeatureAccumulator
-from evaluation.networks import FeatureNetworks, features_id
+from evaluation.networks import FeatureNetworks, features_id, weights_id
 from evaluation.report import evaluate
 from evaluation.run_metrics import RunEvaluation, check_reference
-from evaluation.shards import weights_id
 
 # More images than the tiny DINOv2's 64 dimensions: full-rank covariances, so scipy's sqrtm is exact.
 NUM_REF, NUM_SAMPLE = 72, 68

@@ -17,7 +17,7 @@ from evaluation.dinov2 import DinoV2Extractor
 from evaluation.inception import InceptionExtractor
 from evaluation.reference import main
 from evaluation.reference_batch import Decoder, NpzSource, build_reference, choose_subset
-from launch.images import center_crop
+from launch.runtime.images import center_crop
 
 SIZE = 16
 # (width, height): tall, wide, exactly the target, a BOX halving twice (short side 70 -> 35 -> 17.5 ... )
@@ -86,7 +86,7 @@ def test_build_reference(tmp_path: Path, image_folder: Path, extractor: Inceptio
     expected_all = np.stack(expected_all)
     batch = open_batch(out)
     chosen = np.sort(np.random.default_rng(1).choice(len(files), 3, replace=False))
-    np.testing.assert_array_equal(batch.read_all(), expected_all[chosen])
+    np.testing.assert_array_equal(np.concatenate(list(batch.iter_chunks(64))), expected_all[chosen])
     feats = extractor.extract(expected_all)
     pool, spatial = feats["pool"].double().numpy(), feats["spatial"].double().numpy()
     np.testing.assert_allclose(batch.array("mu"), pool.mean(0), rtol=1e-5, atol=1e-7)
@@ -124,7 +124,7 @@ def test_a_full_reference_seeds_the_evaluator_cache(tmp_path: Path, image_folder
                                                      extractor: InceptionExtractor, sample_images: np.ndarray):
     """arr_0 = every image: the first evaluation reads the reference's features from the cache (no Inception
     pass over it) and gets the numbers an evaluation without any cache gets."""
-    from evaluation.evaluator import evaluate
+    from evaluation.report import evaluate
 
     out, cache = tmp_path / "ref.npz", tmp_path / "cache"
     with warnings.catch_warnings():
@@ -168,6 +168,10 @@ NPZ_IMAGES = 7
 NPZ_SHAPE = (45, 70)  # (height, width): BOX-halved once for 16 px, then BICUBIC and a centre crop
 
 
+def read_images(batch: object) -> np.ndarray:
+    return np.concatenate(list(batch.iter_chunks(64)))
+
+
 @pytest.fixture(scope="module")
 def npz_images() -> np.ndarray:
     return np.random.default_rng(9).integers(0, 256, (NPZ_IMAGES, *NPZ_SHAPE, 3), dtype=np.uint8)
@@ -192,8 +196,8 @@ def test_reference_from_npz_equals_the_same_images_as_pngs(tmp_path: Path, npz_i
     a, b = open_batch(from_pngs), open_batch(from_npz)
     chosen = choose_subset(NPZ_IMAGES, 4, seed=2)
     expected = np.stack([adm_center_crop(Image.fromarray(npz_images[i]), SIZE) for i in chosen])
-    np.testing.assert_array_equal(b.read_all(), expected)
-    np.testing.assert_array_equal(a.read_all(), b.read_all())
+    np.testing.assert_array_equal(read_images(b), expected)
+    np.testing.assert_array_equal(read_images(a), read_images(b))
     for key in ("mu", "sigma", "mu_s", "sigma_s"):
         np.testing.assert_array_equal(a.array(key), b.array(key))
     every = np.stack([adm_center_crop(Image.fromarray(image), SIZE) for image in npz_images])

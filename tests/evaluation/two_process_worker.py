@@ -21,7 +21,7 @@ from evaluation.metrics import METRICS
 from evaluation.precision_recall import manifold_membership
 from evaluation.reference_cache import load_reference
 from evaluation.report import evaluate, report_metrics
-from launch import dist
+from launch.runtime import dist
 
 BATCH = 5
 RESAMPLES = 3

@@ -1,4 +1,4 @@
-"""launch.dist under torchrun with 2 gloo processes."""
+"""launch.runtime.dist under torchrun with 2 gloo processes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent('''
     import json, sys, torch
-    from launch import dist
+    from launch.runtime import dist
 
     info = dist.init(timeout_s=60)
     out = {"rank": info.rank, "world": info.world_size}
@@ -20,9 +20,9 @@ SCRIPT = textwrap.dedent('''
     out["sum"] = dist.all_reduce_sum(t).tolist()
     parts = dist.all_gather_tensor(torch.arange(info.rank + 1))
     out["gathered"] = [p.tolist() for p in parts]
-    out["shared"] = dist.main_only(lambda: {"from": dist.rank()})
-    out["counts"] = dist.all_reduce_counts([1.0, float(info.rank)])
-    out["stop"] = dist.any_rank(info.rank == 1)
+    out["shared"] = dist.rank0_shares(lambda: {"from": dist.rank()})
+    out["counts"] = dist.sum_over_ranks([1.0, float(info.rank)])
+    out["progress"] = dist.all_reduce_progress(3, info.rank == 1)
 
     def fails_on_rank0():
         if dist.rank() == 0:
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
         return "never reached"
 
     try:
-        dist.rank0_first(fails_on_rank0)
+        dist.rank0_then_others(fails_on_rank0)
     except FileNotFoundError as exc:
         out["error"] = str(exc)
 
@@ -42,8 +42,7 @@ SCRIPT = textwrap.dedent('''
     dist.barrier()
     out["fetch"] = dist.node_first(fetch, "probe")
     dist.shutdown()
-    with dist.alone() as alone:
-        out["alone"] = [alone.rank, alone.world_size, dist.all_reduce_counts([5.0])]
+    out["after"] = [dist.group_size(), dist.sum_over_ranks([5.0])]
     with open(sys.argv[1] + f".{info.rank}", "w") as f:
         json.dump(out, f)
 ''')
@@ -63,8 +62,8 @@ def test_collectives_and_rank0_failure_reach_every_rank(tmp_path):
         assert rep["gathered"] == [[0], [0, 1]]
         assert rep["shared"] == {"from": 0}
         assert rep["counts"] == [2.0, 1.0]
-        assert rep["stop"] is True
+        assert rep["progress"] == [6, True]  # one rank asked to stop: every rank stops
         assert rep["error"] == "offline: pass --ckpt"
-        assert rep["alone"] == [0, 1, [5.0]]  # after shutdown: a world of one, collectives are no-ops
+        assert rep["after"] == [1, [5.0]]  # after shutdown: no group, collectives are no-ops
     (a0, a1), (b0, b1) = sorted(rep["fetch"] for rep in reports)
     assert a1 <= b0  # node_first: one process at a time on the node

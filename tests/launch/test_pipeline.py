@@ -12,7 +12,7 @@ from conftest import EVAL_IMAGES, sampler_args
 from PIL import Image
 
 from launch import pipeline
-from launch.exits import EXIT_BAD_INPUT
+from launch.runtime.errors import EXIT_BAD_INPUT
 
 ADM_LINES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
              "recall": "Recall"}

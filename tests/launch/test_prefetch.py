@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launch import prefetch
+from launch.runtime.errors import EXIT_BAD_INPUT
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 DIT_FILE = "DiT-XL-2-256x256.pt"
@@ -158,6 +159,6 @@ def test_offline_says_so_once_per_item_within_seconds(caches, monkeypatch, capsy
 
 
 def test_unknown_names_are_bad_input(caches, capsys):
-    assert prefetch.main(["--models", "DiT-XL/2-1024"]) == prefetch.EXIT_BAD_INPUT
+    assert prefetch.main(["--models", "DiT-XL/2-1024"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --models") and "\n" not in err and "DiT-XL/2-256" in err

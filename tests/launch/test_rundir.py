@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from evaluation.batches import png_is_valid
-from launch import rundir
-from launch.files import write_json_atomic
+from launch.runtime import rundir
+from launch.runtime.files import write_json_atomic
 
 
 def test_run_name_extends_the_official_name():

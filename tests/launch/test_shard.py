@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.shard import batches, num_rounds, rank_batches, split_evenly
+from launch.runtime.partition import batches, num_rounds, rank_batches, split_evenly
 
 
 @pytest.mark.parametrize(("n", "world"), [(10, 1), (10, 3), (50_000, 8), (7, 8), (0, 2)])

@@ -7,10 +7,12 @@ import time
 import pytest
 
 import sample_ddp
+from sampling.config import ConfigError, SampleConfig
+from sampling.options import config_from_args
 
 
-def parse(*argv: str) -> sample_ddp.SampleConfig:
-    return sample_ddp.config_from_args(sample_ddp.build_parser().parse_args(list(argv)))
+def parse(*argv: str) -> SampleConfig:
+    return config_from_args(sample_ddp.build_parser().parse_args(list(argv)))
 
 
 @pytest.mark.parametrize(
@@ -29,7 +31,7 @@ def parse(*argv: str) -> sample_ddp.SampleConfig:
     ],
 )
 def test_config_errors_are_one_line(argv, message):
-    with pytest.raises(sample_ddp.ConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         parse(*argv)
     assert message in str(info.value)
     assert "\n" not in str(info.value)

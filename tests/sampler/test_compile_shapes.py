@@ -1,4 +1,4 @@
-"""--compile sees one batch shape per call site (issue 10 item 3): the last, shorter batch is padded, so the
+"""--compile sees one batch shape per call site: the last, shorter batch is padded, so the
 model is only ever called with the shapes warmed up at start (guided 2B, and B outside a guidance interval)."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = textwrap.dedent('''
     import json, sys, torch
     import sample_ddp
+    from sampling.network import forward_shapes
+    from sampling.options import config_from_args
 
     calls = []
     def fake_compile(model, mode=None, **kwargs):  # stands in for torch.compile: records every call's batch
@@ -22,9 +24,9 @@ DRIVER = textwrap.dedent('''
         return model
     torch.compile = fake_compile
     code = sample_ddp.main(sys.argv[2:])
-    cfg = sample_ddp.config_from_args(sample_ddp.build_parser().parse_args(sys.argv[2:]))
+    cfg = config_from_args(sample_ddp.build_parser().parse_args(sys.argv[2:]))
     with open(sys.argv[1], "w") as f:
-        json.dump({"code": code, "calls": calls, "shapes": sample_ddp._forward_shapes(cfg)}, f)
+        json.dump({"code": code, "calls": calls, "shapes": forward_shapes(cfg)}, f)
 ''')
 
 

@@ -25,6 +25,8 @@ import sample_ddp
 from evaluation.errors import EvaluationError
 from evaluation.inception import InceptionExtractor, InceptionWeights
 from evaluation.report import evaluate
+from sampling.config import ConfigError
+from sampling.options import config_from_args
 
 N = 16
 STEPS = 60
@@ -230,8 +232,8 @@ def test_bad_metric_input_is_one_line_before_any_work(extra, message, sampler, f
     np.savez(bad, arr_0=np.zeros((4, 3, 8, 8), np.uint8))
     fill = {"tmp": tmp_path, "ref": files["ref"], "bad": bad}
     argv = [*sampler.pixel_args(tmp_path / "samples", N, 4), *[a.format(**fill) for a in extra]]
-    with pytest.raises((sample_ddp.ConfigError, EvaluationError)) as info:
-        sample_ddp.config_from_args(sample_ddp.build_parser().parse_args(argv))
+    with pytest.raises((ConfigError, EvaluationError)) as info:
+        config_from_args(sample_ddp.build_parser().parse_args(argv))
     text = str(info.value)
     assert "\n" not in text and message.format(**fill) in text
     assert not (tmp_path / "samples").exists()

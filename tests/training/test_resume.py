@@ -50,8 +50,8 @@ def test_only_rank_0_lists_the_checkpoints(tiny_config, monkeypatch):
     monkeypatch.setattr(train.T, "latest_checkpoint", lambda results: listed.append(results) or Path("own.pt"))
     cfg = tiny_config(resume="auto")
     assert train.resume_path(cfg, Path(cfg.results_dir)) == Path("own.pt") and len(listed) == 1  # rank 0
-    # another rank: launch.dist.main_only hands it rank 0's answer without running the listing
-    monkeypatch.setattr(train.dist, "main_only", lambda fn: Path("checkpoints/0000400.pt"))
+    # another rank: launch.runtime.dist.rank0_shares hands it rank 0's answer without running the listing
+    monkeypatch.setattr(train.dist, "rank0_shares", lambda fn: Path("checkpoints/0000400.pt"))
     assert train.resume_path(cfg, Path(cfg.results_dir)) == Path("checkpoints/0000400.pt") and len(listed) == 1
 
 

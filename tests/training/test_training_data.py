@@ -186,3 +186,11 @@ def test_latent_cache_shards_do_not_depend_on_the_number_of_processes(image_fold
     shards[2].unlink()
     with pytest.raises(data.DataError, match="missing"):
         data.LatentDataset(index)
+
+
+def test_epoch_order_of_one_seed_is_never_another_seeds_next_epoch():
+    """DistributedSampler seeded seed + epoch: seed 1's epoch 0 was seed 0's epoch 1. Keyed streams never meet."""
+    orders = {(s, e): data.EpochPlan(64, 4, 0, 1, seed=s, hflip=True).epoch_keys(e) for s in (0, 1) for e in (0, 1)}
+    assert len({tuple(o) for o in orders.values()}) == 4
+    again = data.EpochPlan(64, 4, 0, 1, seed=1, hflip=True).epoch_keys(1)
+    assert again == orders[(1, 1)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launch.dist import DistInfo
+from launch.runtime.dist import DistInfo
 
 META = torch.device("meta")
 
@@ -128,3 +128,21 @@ def test_image_workers_come_from_the_cpus_of_the_job(tiny_config, monkeypatch):
     monkeypatch.setattr(training, "available_cpus", lambda: 4)
     assert training.image_workers(cfg, local_world_size=8) == 0
     assert training.image_workers(tiny_config(num_workers=5), local_world_size=8) == 5  # the flag wins
+
+
+def test_global_seeds_draw_different_weights_and_micro_batches_never_share_a_stream():
+    """torch keeps 32 bits of a seed: global_seed * 2**32 + n made every --global-seed train alike."""
+    from models.training import init_key, micro_batch_key, seed_everything
+
+    def draw(key: list[int]) -> torch.Tensor:
+        seed_everything(key)
+        return torch.randn(8)
+
+    assert not torch.equal(draw(init_key(0)), draw(init_key(1)))
+    assert torch.equal(draw(init_key(3)), draw(init_key(3)))
+    assert init_key(0) not in [micro_batch_key(0, m, 0, 1) for m in range(4)]  # its own purpose word
+    # the key is (global seed, micro_index * world + rank): a cut run reuses its keys, and every pair differs
+    assert micro_batch_key(0, 3, 1, 2) == micro_batch_key(0, 7, 0, 1)
+    distinct = {tuple(micro_batch_key(g, m, 0, 1)) for g in range(3) for m in range(50)}
+    assert len(distinct) == 150
+    assert len({tuple(draw(k).tolist()) for k in map(list, distinct)}) == 150

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from launch.exits import EXIT_PREEMPTED
+from launch.runtime.errors import EXIT_PREEMPTED
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.timestep_sampler import (
+from diffusion.training_timesteps import (
     LossSecondMomentResampler,
     UniformSampler,
     create_named_schedule_sampler,

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from launch.exits import EXIT_FAILED
+from launch.runtime.errors import EXIT_FAILED, UserError
 
 T = TypeVar("T")
 
@@ -31,10 +31,12 @@ DEFAULT_TIMEOUT_S = 600.0
 FAILED_SUFFIX = ".failed"  # <report dir>/.rank-<r>.failed: a rank's one-line reason, for the other ranks
 ALIVE_SUFFIX = ".alive"  # <report dir>/.rank-<r>.alive: touched at every heartbeat
 FAILURE_WAIT_S = 2.0  # a survivor waits this long for the failing rank's reason to appear
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a collective timeout beyond a week is a typo (and overflows the C++ side)
+CPU_THREADS_ENV = "DIT_CPU_THREADS"  # threads per process on CPU (default: the cores shared by the local ranks)
 
 
-class DistConfigError(Exception):
-    """The job's layout cannot work (e.g. more processes than GPUs on a node); the message is one line."""
+class DistConfigError(UserError):
+    """The job's layout or environment cannot work (more processes than GPUs, a half-set torchrun environment)."""
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,42 @@ class DistInfo:
 
 
 _info: DistInfo | None = None
-_last: DistInfo | None = None  # the layout before shutdown(), for `alone()`
+_last: DistInfo | None = None  # the layout before shutdown(): node_first still knows the node
 _report_dir: Path | None = None
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
     value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise DistConfigError(f"environment variable {name}={value!r}: expected an integer >= {minimum}")
+    return number
+
+
+def check_launch_env() -> None:
+    """torchrun sets RANK and WORLD_SIZE (and LOCAL_RANK, LOCAL_WORLD_SIZE) together: one without the other (a
+    script exporting WORLD_SIZE by hand, say), a value that is not a number, or a rank beyond the world is one
+    line, before any work. DIT_CPU_THREADS, when set, is a positive integer."""
+    if (os.environ.get("RANK") in (None, "")) != (os.environ.get("WORLD_SIZE") in (None, "")):
+        raise DistConfigError("RANK and WORLD_SIZE must be set together (torchrun sets both); unset them to run as "
+                              "one process")
+    world, rank = _env_int("WORLD_SIZE", 1, 1), _env_int("RANK", 0)
+    if rank >= world:
+        raise DistConfigError(f"RANK={rank} but WORLD_SIZE={world}: a rank must be below the world size")
+    _env_int("LOCAL_RANK", 0)
+    _env_int("LOCAL_WORLD_SIZE", 1, 1)
+    _env_int(CPU_THREADS_ENV, 1, 1)
+
+
+def check_timeout(timeout_s: float, flag: str) -> None:
+    """A collective timeout in seconds: finite, positive, at most a week (one line naming `flag`)."""
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:  # NaN fails both comparisons
+        raise DistConfigError(f"{flag} {timeout_s}: give seconds in (0, {MAX_TIMEOUT_S:.0f}]")
 
 
 def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistInfo:
@@ -69,6 +100,7 @@ def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistIn
     global _info, _last
     if _info is not None:
         return _info
+    check_launch_env()
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -99,8 +131,8 @@ def init(timeout_s: float | None = None, use_cuda: bool | None = None) -> DistIn
 
 def _set_cpu_threads(local_world: int) -> None:
     """torchrun sets OMP_NUM_THREADS=1 per worker; share the cores deliberately instead."""
-    if os.environ.get("DIT_CPU_THREADS"):
-        torch.set_num_threads(int(os.environ["DIT_CPU_THREADS"]))
+    if os.environ.get(CPU_THREADS_ENV):
+        torch.set_num_threads(_env_int(CPU_THREADS_ENV, 1, 1))
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // max(1, local_world)))
@@ -124,6 +156,11 @@ def is_main() -> bool:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def group_size() -> int:
+    """Processes in the live process group (1 when there is none, or after `shutdown`)."""
+    return dist.get_world_size() if _active() else 1
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -213,7 +250,7 @@ def node_first(fn: Callable[[], T], key: str) -> T:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def rank0_first(fn: Callable[[], T]) -> T:
+def rank0_then_others(fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 first (e.g. a download), then on the others (which read the cache).
 
     If rank 0 fails, every rank raises the same exception at once instead of waiting
@@ -225,15 +262,15 @@ def rank0_first(fn: Callable[[], T]) -> T:
     return result if ran else fn()  # type: ignore[return-value]
 
 
-def main_only(fn: Callable[[], T]) -> T:
+def rank0_shares(fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 only and hand its (picklable) result, or its exception, to every rank."""
     if not _active():
         return fn()
     return _on_main_then_tell(fn, share_result=True)[1]  # type: ignore[return-value]
 
 
-def all_reduce_counts(values: list[float]) -> list[float]:
-    """Element-wise sum of a few numbers over ranks (one small collective)."""
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of a few numbers over the ranks (one small collective)."""
     if not _active():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=info().device)
@@ -241,13 +278,10 @@ def all_reduce_counts(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (e.g. a stop request)."""
-    if not _active():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=info().device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+def all_reduce_progress(done: int, stop: bool) -> tuple[int, bool]:
+    """(images done by all ranks, whether any rank was asked to stop): one small collective per batch."""
+    total, stops = sum_over_ranks([float(done), float(stop)])
+    return int(total), stops > 0
 
 
 def report_failures_in(folder: Path) -> None:
@@ -359,18 +393,3 @@ def shutdown() -> None:
     if _active():
         dist.destroy_process_group()
     _info = None
-
-
-@contextlib.contextmanager
-def alone() -> Iterator[DistInfo]:
-    """Run the body as a world of one on this process's device, after `shutdown()` (e.g. rank 0 evaluating
-    what the job sampled): rank() is 0, world_size() is 1, collectives are no-ops."""
-    global _info
-    if _active():
-        raise RuntimeError("alone() needs the process group left first (shutdown())")
-    device = _last.device if _last is not None else torch.device("cpu")
-    _info = DistInfo(0, 1, _last.local_rank if _last else 0, 1, device)
-    try:
-        yield _info
-    finally:
-        _info = None

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from launch.runtime.errors import RankError, UserError
+
 HASH_CHUNK_BYTES = 1 << 22
 COPY_CHUNK_BYTES = 1 << 22
 CONNECT_TIMEOUT_S = 10.0  # an unreachable host fails within this; no retries
@@ -29,12 +31,12 @@ TEMP_MARK = ".tmp-"  # every temporary file is `.<name>.tmp-<pid>-<thread>`: `re
 _TRUE = {"1", "on", "yes", "true"}
 
 
-class FileWriteError(OSError):
-    """A write failed (disk full, permissions, size limit); the message is one line naming the file."""
+class FileWriteError(RankError):
+    """A write failed (disk full, permissions, size limit) on this rank's node; the line names the file."""
 
 
-class DownloadError(OSError):
-    """A download failed (offline, HTTP error, truncated); the message is one line naming the URL."""
+class DownloadError(UserError):
+    """A download failed (offline, HTTP error, truncated); the line names the URL."""
 
 
 def env_true(name: str) -> bool:
@@ -102,8 +104,6 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False)
     except OSError as exc:
         with contextlib.suppress(OSError):  # e.g. the parent is a file: no temporary was made
             tmp.unlink(missing_ok=True)
-        if isinstance(exc, FileWriteError):
-            raise
         raise FileWriteError(f"cannot write {path}: {os_reason(exc)}") from None
     except BaseException:
         with contextlib.suppress(OSError):

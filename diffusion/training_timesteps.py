@@ -1,7 +1,7 @@
 """Samplers of training timesteps t with importance weights (improved DDPM section 3.3).
 
 sample() returns t ~ p and weights 1 / (T p_t), so that E[w * L_t] equals the uniform average of L_t.
-Distributed use: each rank gathers the (t, loss) lists of all ranks (launch.dist.all_gather_object)
+Distributed use: each rank gathers the (t, loss) lists of all ranks (launch.runtime.dist.all_gather_object)
 and passes the concatenation to update_with_all_losses, so every rank keeps the same history.
 """
 
