@@ -31,8 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffusion import create_diffusion, guided_model
+from diffusion import guided_model
 from diffusion.rng import SampleNoise, sample_seed
+from diffusion.samplers import DDIM, Sampler
 from diffusion.training_timesteps import ScheduleSampler, create_named_schedule_sampler
 from launch.runtime import dist
 from launch.runtime.command import run_command
@@ -583,8 +584,9 @@ def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out
     classes = min(arch["num_classes"], GRID_MAX_CLASSES)
     labels = torch.arange(classes).repeat(GRID_PER_CLASS).to(device)  # row r: classes 0..C-1
     noise = SampleNoise([sample_seed(GRID_SEED, i) for i in range(len(labels))])
-    sampler = create_diffusion(
-        f"ddim{diffusion_cfg.sample_steps}",
+    sampler = Sampler(
+        DDIM,
+        diffusion_cfg.sample_steps,
         noise_schedule=diffusion_cfg.noise_schedule,
         learn_sigma=arch["learn_sigma"],
         predict_v=diffusion_cfg.prediction == "v",
@@ -592,11 +594,9 @@ def write_grid(ema: DiT, diffusion_cfg: TrainConfig, codec: Any, arch: dict, out
     )
     scale = diffusion_cfg.sample_cfg if diffusion_cfg.class_dropout > 0 else 1.0
     fn = guided_model(ema, scale, arch["num_classes"], channels="all")
-    shape = (len(labels), arch["in_channels"], arch["input_size"], arch["input_size"])
+    x_T = noise.randn((arch["in_channels"], arch["input_size"], arch["input_size"]), device)  # draw 1 of each
     pixel = codec is None
-    z = sampler.ddim_sample_loop(
-        fn, shape, clip_denoised=pixel, model_kwargs={"y": labels}, device=device, noise_fn=noise
-    )
+    z = sampler(fn, x_T, noise=noise, model_kwargs={"y": labels}, clip_denoised=pixel)
     images = (PixelCodec(arch["in_channels"]) if pixel else codec).decode(z).numpy()  # [N, H, W, 3] uint8
     n, h, w, _ = images.shape
     grid = (

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from diffusion.rng import SampleNoise, sample_seed
+from diffusion.samplers import DDPM, Sampler
 from evaluation.batches import write_png
 from models.dit import DiT, DiT_models
 
@@ -111,33 +111,32 @@ def build_model(args: argparse.Namespace, device: torch.device) -> DiT:
         return make(input_size=args.latent_size, num_classes=NUM_CLASSES).to(device).eval()
 
 
-def sample_batch(diffusion, model_fn, args: argparse.Namespace, b: int, device: torch.device) -> torch.Tensor:
-    """One batch as sample_ddp.py draws it: label, x_T and every step's noise from sample i's generator."""
+def sample_batch(sampler: Sampler, model_fn, args: argparse.Namespace, b: int, device: torch.device) -> torch.Tensor:
+    """One batch as the sampler draws it: label, x_T and every step's noise from sample i's generator."""
     indices = range(b * args.batch_size, (b + 1) * args.batch_size)
     noise = SampleNoise([sample_seed(0, i) for i in indices])
     y = noise.randint(NUM_CLASSES).to(device)
     z = noise.randn((LATENT_CHANNELS, args.latent_size, args.latent_size), device)
-    return diffusion.p_sample_loop(model_fn, z.shape, noise=z, clip_denoised=False, model_kwargs={"y": y},
-                                   noise_fn=noise)
+    return sampler(model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=False)
 
 
 def run_variant(name: str, net: torch.nn.Module, macs: int, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     timed = TimedModel(net, device)
     model_fn = guided_model(timed, CFG_SCALE, NUM_CLASSES, "first3")
-    diffusion = create_diffusion(str(args.steps))
+    sampler = Sampler(DDPM, args.steps)
     bf16 = name.startswith("bf16") and device.type != "meta"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
     with autocast:
         start = time.perf_counter()
-        sample_batch(diffusion, model_fn, args, 0, device)  # warm-up (and compile)
+        sample_batch(sampler, model_fn, args, 0, device)  # warm-up (and compile)
         synchronize(device)
         warmup = time.perf_counter() - start
         timed.reset()
         start = time.perf_counter()
         for b in range(1, args.batches + 1):
-            sample_batch(diffusion, model_fn, args, b, device)
+            sample_batch(sampler, model_fn, args, b, device)
         synchronize(device)
         wall = time.perf_counter() - start
     inside, steps = timed.seconds(), args.batches * args.steps

@@ -1,4 +1,4 @@
-"""Measure the code's shape (issue 9's before/after numbers): lines of code, imports inside functions,
+"""Measure the code's shape (the before/after numbers of a restructuring): lines of code, imports inside functions,
 imports that point up the layers, module-level import cycles, the longest functions.
 
     python benchmarks/code_shape.py [ROOT]

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion import create_diffusion, guided_model
+from diffusion import guided_model
 from diffusion.rng import SampleNoise, sample_seed
+from diffusion.samplers import DDIM, Sampler
 from models.checkpoints import build_model
 from models.data import DIGITS_NUM_CLASSES, DIGITS_SIZE, digits_classifier, digits_features
 from models.vae import PixelCodec
@@ -37,8 +38,9 @@ def main() -> None:
 
     model, meta = build_model("custom", a.ckpt, DIGITS_SIZE, DIGITS_NUM_CLASSES)
     config = meta.get("config") or {}
-    diffusion = create_diffusion(
-        f"ddim{a.steps}",
+    sampler = Sampler(
+        DDIM,
+        a.steps,
         learn_sigma=model.learn_sigma,
         predict_v=config.get("prediction") == "v",
         noise_schedule=config.get("noise_schedule", "linear"),
@@ -51,11 +53,9 @@ def main() -> None:
     for s in range(0, len(labels), a.batch_size):
         y = labels[s : s + a.batch_size]
         noise = SampleNoise([sample_seed(a.seed, i) for i in range(s, s + len(y))])
-        shape = (len(y), model.in_channels, model.input_size, model.input_size)
+        x_T = noise.randn((model.in_channels, model.input_size, model.input_size))  # draw 1 of each stream
         with torch.no_grad():
-            z = diffusion.ddim_sample_loop(
-                fn, shape, clip_denoised=True, model_kwargs={"y": y}, noise_fn=noise
-            )
+            z = sampler(fn, x_T, noise=noise, model_kwargs={"y": y}, clip_denoised=True)
         images.append(codec.decode(z).numpy())
     seconds = time.perf_counter() - start
     images = np.concatenate(images)

@@ -13,7 +13,7 @@ from evaluation import dinov2
 from evaluation.dinov2 import DEFAULT_RESIZE, RESIZE_MODES
 from evaluation.errors import EvaluationError
 from evaluation.inception import DEFAULT_BATCH_SIZE
-from evaluation.metrics import METRICS
+from evaluation.metrics import ALL_METRICS, METRICS
 from evaluation.networks import FeatureNetworks, open_networks, resolve_network_weights
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from launch.runtime import dist
@@ -39,8 +39,8 @@ def add_metric_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
     """The metric flags of the evaluator and of the sampler's in-job metrics: which metrics, the network, the
     reference cache, the bootstrap spread."""
     p.add_argument("--metrics", default=",".join(METRICS),
-                   help="comma-separated subset to compute (the report's names inception_score, precision, ... "
-                        "work too)")
+                   help=f"comma-separated, from {','.join(ALL_METRICS)} (the report's names inception_score, "
+                        "precision, dinov2_precision, ... work too)")
     add_network_args(p)
     p.add_argument("--cache-dir", "--eval-cache-dir", dest="cache_dir", default=str(DEFAULT_CACHE_DIR),
                    help="where reference statistics are cached by content hash")

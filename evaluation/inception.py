@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from launch.runtime import dist
 from launch.runtime.errors import UserError
 from launch.runtime.files import (
     DownloadError,
@@ -201,6 +202,12 @@ def convert_fid_helper(src: Path, dst: Path) -> Path:
 def converted_cache_path(src: Path, cache_dir: Path | None = None) -> Path:
     """Where the converted copy of `src` lives: named by the source's content hash."""
     return (cache_dir or torch_hub_checkpoints()) / f"{CONVERTED_PREFIX}-{file_sha256(src)[:16]}.pth"
+
+
+def resolve_weights_on_every_rank(path: str | os.PathLike | None = None, allow_download: bool = True
+                                  ) -> InceptionWeights:
+    """`resolve_weights` on rank 0 first (it may download), then on the other ranks, which find the cache."""
+    return dist.rank0_then_others(lambda: resolve_weights(path, allow_download=allow_download))
 
 
 def resolve_weights(path: str | os.PathLike | None = None, allow_download: bool = True,

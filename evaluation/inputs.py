@@ -20,7 +20,14 @@ from evaluation.dinov2 import DEFAULT_RESIZE, RESIZE_PIL
 from evaluation.errors import EvaluationError
 from evaluation.features import DINOV2
 from evaluation.inception import INPUT_SIZE
-from evaluation.metrics import ALIASES, ALL_METRICS, FRECHET_FEATURES, MANIFOLD_METRICS, METRIC_IS, PRINT_NAMES
+from evaluation.metrics import (
+    ALL_METRICS,
+    FRECHET_FEATURES,
+    MANIFOLD_METRICS,
+    METRIC_IS,
+    PRINT_NAMES,
+    normalise_metrics,
+)
 from evaluation.precision_recall import NEAREST_K
 from evaluation.statistics import MIN_COV_IMAGES
 
@@ -43,16 +50,6 @@ class EvaluationInputs:
     sample: CheckedBatch
     metrics: tuple[str, ...]  # short names, ADM's order
     bootstrap: int = 0  # resamples for the spread of FID/sFID/IS (0: none)
-
-
-def normalise_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
-    """Short names (or the report's names) -> short names in ADM's order."""
-    names = [m.strip().lower() for m in metrics]
-    unknown = [m for m in names if m not in ALIASES]
-    if unknown:
-        raise EvaluationError(f"unknown metric {', '.join(unknown)}; choose from {','.join(ALL_METRICS)}")
-    chosen = {ALIASES[m] for m in names}
-    return tuple(m for m in ALL_METRICS if m in chosen)
 
 
 def open_checked(path: BatchInput, role: str) -> ImageBatch:

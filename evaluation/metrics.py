@@ -37,15 +37,21 @@ FRECHET_FEATURES = {METRIC_FID: "pool", METRIC_SFID: "spatial", METRIC_FD_DINOV2
 STD_SUFFIX = "_std"  # bootstrap spread: fid_std, sfid_std, inception_score_std
 
 
-def parse_metrics(text: str) -> list[str]:
-    """`--metrics` text -> short names in report order; unknown names raise one line listing the choices."""
-    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+def normalise_metrics(names: Iterable[str], flag: str = "--metrics") -> tuple[str, ...]:
+    """Short or report names -> short names in report order (ADM's, then DINOv2's); unknown names (or none)
+    raise one line listing the choices."""
+    names = [m.strip().lower() for m in names if m.strip()]
     unknown = [m for m in names if m not in ALIASES]
     if unknown or not names:
-        raise EvaluationError(f"--metrics {text!r}: unknown {', '.join(unknown) or 'empty list'}; choose from "
-                              f"{','.join(ALL_METRICS)} (or the report's names: {','.join(JSON_KEYS.values())})")
+        raise EvaluationError(f"{flag} {','.join(names)!r}: unknown {', '.join(unknown) or 'empty list'}; choose "
+                              f"from {','.join(ALL_METRICS)} (or the report's names: {','.join(JSON_KEYS.values())})")
     chosen = {ALIASES[m] for m in names}
-    return [m for m in ALL_METRICS if m in chosen]
+    return tuple(m for m in ALL_METRICS if m in chosen)
+
+
+def parse_metrics(text: str) -> list[str]:
+    """`--metrics` text (comma-separated) -> short names in report order."""
+    return list(normalise_metrics(text.split(",")))
 
 
 def format_report(report: Mapping[str, Any], metrics: Iterable[str]) -> list[str]:

@@ -28,7 +28,13 @@ from evaluation.dinov2 import (
 )
 from evaluation.errors import EvaluationError
 from evaluation.features import DINOV2, LOGITS, POOL, SPATIAL, FeatureExtractor
-from evaluation.inception import FEATURE_DIMS, INPUT_SIZE, InceptionExtractor, InceptionWeights, resolve_weights
+from evaluation.inception import (
+    FEATURE_DIMS,
+    INPUT_SIZE,
+    InceptionExtractor,
+    InceptionWeights,
+    resolve_weights_on_every_rank,
+)
 from evaluation.metrics import FRECHET_FEATURES, MANIFOLD_FEATURES, METRIC_IS
 from launch.runtime import dist
 from launch.runtime.files import file_sha256
@@ -151,7 +157,7 @@ def resolve_network_weights(metrics: Iterable[str], inception_path: str | None, 
     """The weights the metrics need, found and checked (rank 0 first: it may download), before any network
     is built; None for a network no metric needs."""
     metrics = list(metrics)
-    inception = (dist.rank0_then_others(lambda: resolve_weights(inception_path, allow_download=allow_download))
+    inception = (resolve_weights_on_every_rank(inception_path, allow_download=allow_download)
                  if needs_inception(metrics) else None)
     dino = (dist.rank0_then_others(lambda: dinov2_network.resolve_dinov2_weights(dinov2_path, allow_download,
                                                                     arch=dinov2_network.METRIC_ARCH))

@@ -10,7 +10,7 @@
     networks.inception    graph, weights (file name), sha256, resize (when an Inception metric was computed)
     networks.dinov2       model, weights, sha256, resize (torch | pil), input_side, output, pos_embed (FD_DINOv2)
     settings              nearest_k (precision/recall), is_split_size, bootstrap_resamples, bootstrap_seed
-    versions              python, torch, numpy, torch-fidelity, timm
+    versions              python and the packages that can move a number (launch.runtime.versions)
     sampling              added by the sampler (`add_sampling_fields`): SAMPLING_FIELDS
 
 Fields are named by their dotted path (`networks.dinov2.resize`). `FIELD_ORDER` ranks them by how far a
@@ -24,18 +24,17 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import os
-import platform
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from evaluation.errors import EvaluationError
 from launch.runtime.files import FileWriteError, file_sha256, read_json, write_json_atomic
+from launch.runtime.versions import package_versions
 
 PROTOCOL_KEY = "protocol"
 PROTOCOL_VERSION = 1
 PACKAGE = "dit-fid"
-VERSIONED = ("torch", "numpy", "torch-fidelity", "timm")
 HASH_MEMO = "sha256-memo.json"  # in the reference cache folder: file -> (size, mtime, sha256)
 
 # -- the evaluation's fields (dotted paths into the protocol object)
@@ -188,17 +187,6 @@ def flatten(protocol: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- writing
-
-
-def package_versions() -> dict[str, str]:
-    """python and the packages the numbers depend on."""
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def written_by() -> str:

@@ -7,18 +7,13 @@ own accumulator batch by batch calls `report_metrics` with it and gets the same 
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch_fidelity
 
-from evaluation.batches import ImageBatch
 from evaluation.bootstrap import bootstrap_spread
 from evaluation.features import (
     ALL_FEATURES,
@@ -32,7 +27,7 @@ from evaluation.features import (
     extract_batch,
 )
 from evaluation.frechet import frechet_distance
-from evaluation.inputs import EvaluationInputs, Gaussian, check_inputs
+from evaluation.inputs import BatchInput, EvaluationInputs, Gaussian, check_inputs
 from evaluation.metrics import (
     ALL_METRICS,
     FRECHET_FEATURES,
@@ -49,8 +44,8 @@ from evaluation.protocol import PROTOCOL_KEY, evaluation_protocol, with_counts
 from evaluation.reference_cache import COMPUTED, DEFAULT_CACHE_DIR, GIVEN, Reference, load_reference
 from evaluation.statistics import IS_SPLIT_SIZE
 from launch.runtime import dist
+from launch.runtime.versions import package_versions
 
-BatchInput = str | os.PathLike | ImageBatch
 STATS_LABELS = {POOL: "sample pool_3", SPATIAL: "sample spatial", DINOV2: "sample DINOv2"}
 
 
@@ -167,10 +162,6 @@ def run_facts(inputs: EvaluationInputs, reference: Reference, extractor: Feature
         "device": str(extractor.device),
         "world_size": dist.world_size(),
         "seconds": round(seconds, 3),
-        "versions": versions(),
+        "versions": package_versions(),
     }
 
-
-def versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "torch_fidelity": torch_fidelity.__version__}

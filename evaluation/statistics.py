@@ -56,12 +56,6 @@ class FeatureStats:
         self.total += w @ x
         self.outer.addmm_(x.T, x * w[:, None])
 
-    def merge(self, other: FeatureStats) -> FeatureStats:
-        self.count += other.count
-        self.total += other.total.to(self.total.device)
-        self.outer += other.outer.to(self.outer.device)
-        return self
-
     def reduce(self) -> FeatureStats:
         """Sum over ranks (float64 all-reduce on the process group's device), in place. A collective."""
         if dist.world_size() == 1:

@@ -21,6 +21,7 @@ from evaluation.inception import DEFAULT_BATCH_SIZE
 from evaluation.metrics import METRICS
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from launch.runtime import dist, rundir
+from launch.runtime.checks import check_positive
 from launch.runtime.errors import UserError
 from models.checkpoints import CUSTOM_MODEL, OFFICIAL_MODEL
 from models.dit import DiT_models
@@ -124,12 +125,10 @@ class SampleConfig:
 
 
 def _check_counts(cfg: SampleConfig) -> None:
-    for flag, value in (("--num-fid-samples", cfg.num_fid_samples), ("--per-proc-batch-size", cfg.per_proc_batch_size),
-                        ("--num-classes", cfg.num_classes), ("--num-sampling-steps", cfg.num_sampling_steps),
-                        ("--png-workers", cfg.png_workers), ("--shard-size", cfg.shard_size),
-                        ("--eval-batch-size", cfg.eval_batch_size)):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
+    check_positive({"--num-fid-samples": cfg.num_fid_samples, "--per-proc-batch-size": cfg.per_proc_batch_size,
+                    "--num-classes": cfg.num_classes, "--num-sampling-steps": cfg.num_sampling_steps,
+                    "--png-workers": cfg.png_workers, "--shard-size": cfg.shard_size,
+                    "--eval-batch-size": cfg.eval_batch_size})
     if cfg.num_fid_samples > MAX_NUM_SAMPLES:
         raise ConfigError(f"--num-fid-samples {cfg.num_fid_samples} is more than one run folder holds (at most "
                           f"{MAX_NUM_SAMPLES:,}, the seed rule's indices per seed); split it into runs with "

@@ -5,8 +5,6 @@ the ranks), and the plan that follows: the images to sample and the stored image
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +17,8 @@ from evaluation.run_metrics import RunEvaluation
 from launch.runtime import dist, partition, rundir
 from launch.runtime.blocks import Block
 from launch.runtime.files import file_sha256
+from launch.runtime.versions import package_versions
 from sampling.config import SAVE_NONE, SAVE_PNG, SampleConfig
-
-VERSIONED_PACKAGES = ("torch", "diffusers", "timm", "numpy", "pillow", "torch-fidelity")
-
-
-def package_versions() -> dict[str, str]:
-    """Python's and the numerically relevant packages' versions (recorded in manifests and reports)."""
-    out = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def run_identity(cfg: SampleConfig) -> dict:

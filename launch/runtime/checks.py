@@ -21,7 +21,7 @@ def check_positive(values: Mapping[str, float]) -> None:
     """Each `--flag: value` must be a finite number of at least 1 (counts, batch sizes)."""
     for flag, value in values.items():
         if not (math.isfinite(value) and value >= 1):
-            raise FlagError(f"{flag} {value}: must be at least 1")
+            raise FlagError(f"{flag} must be positive, got {value}")
 
 
 def check_writable(path: str | Path, flag: str) -> Path:

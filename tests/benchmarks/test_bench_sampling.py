@@ -1,4 +1,4 @@
-"""The GPU benchmark runs (issue 10 item 10): on CPU with a tiny model, every number it reports is there."""
+"""The GPU benchmark runs : on CPU with a tiny model, every number it reports is there."""
 
 from __future__ import annotations
 

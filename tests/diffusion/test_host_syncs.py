@@ -1,4 +1,4 @@
-"""No blocking host-to-device copy and no host sync inside a sampling step (issue 10 item 2).
+"""No blocking host-to-device copy and no host sync inside a sampling step.
 
 The loops run on the `meta` device with a model made of plain torch ops (it makes no copies of its own);
 a TorchDispatchMode records every copy from the CPU to another device and every read of a device value

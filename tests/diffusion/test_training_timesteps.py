@@ -57,8 +57,19 @@ def test_second_moment_state_round_trip():
     assert np.array_equal(a.probabilities(), b.probabilities()) and b.warmed_up()
 
 
-def test_named_samplers():
-    assert isinstance(create_named_schedule_sampler("uniform", T), UniformSampler)
-    assert isinstance(create_named_schedule_sampler("loss-second-moment", T), LossSecondMomentResampler)
+def test_named_samplers_draw_by_their_rule():
+    """By name: "uniform" draws every t equally often with weight 1; "loss-second-moment" is uniform until every
+    t has its history, and takes the step count from a diffusion object too (as ADM passes it)."""
+    uniform = create_named_schedule_sampler("uniform", T)
+    assert np.array_equal(uniform.probabilities(), np.full(T, 1 / T))
+    t, w = uniform.sample(50_000, generator=torch.Generator().manual_seed(3))
+    counts = np.bincount(t.numpy(), minlength=T)
+    expected = 50_000 / T
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 18.5 and torch.equal(w, torch.ones(50_000))  # chi-square, 4 dof: p = 0.001
+    diffusion = type("Diffusion", (), {"num_timesteps": 7})()
+    second = create_named_schedule_sampler("loss-second-moment", diffusion)
+    assert second.num_timesteps == 7 and not second.warmed_up()
+    assert np.array_equal(second.probabilities(), np.full(7, 1 / 7))
     with pytest.raises(ValueError, match="unknown timestep sampler"):
         create_named_schedule_sampler("nope", T)

@@ -1,4 +1,4 @@
-"""The batch-by-batch API for a sampling job (issue 12): FeatureAccumulator + report_metrics give evaluate()'s
+"""The batch-by-batch API for a sampling job: FeatureAccumulator + report_metrics give evaluate()'s
 numbers and numpy's; features stored by an interrupted run are added without the network; --bootstrap."""
 
 from __future__ import annotations

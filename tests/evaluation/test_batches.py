@@ -135,7 +135,7 @@ def _run_folder(folder: Path, images: np.ndarray, num_fid_samples: int | None) -
 
 
 def test_run_folder_reads_the_manifest_range_and_names_strays(tmp_path, images):
-    """Issue 11 item 5: a run folder of 9 samples plus stray 000016.png/000099.png is 9 images, and says so."""
+    """A run folder of 9 samples plus stray 000016.png/000099.png is 9 images, and says so."""
     rng = np.random.default_rng(1)
     strays = rng.integers(0, 256, (2, 6, 6, 3), dtype=np.uint8)  # another size: never read
     folder = _run_folder(tmp_path / "run", images[:9], num_fid_samples=9)

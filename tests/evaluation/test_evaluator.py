@@ -268,7 +268,7 @@ def test_bad_inputs_give_one_error_line(tmp_path: Path, batch_files: tuple[Path,
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, err)
 
 
-# --------------------------------------------------------------------------------------------- fail fast (issue 11)
+# --------------------------------------------------------------------------------------------- fail fast
 
 FAIL_FAST_S = 10  # "within seconds" on a loaded 2-core machine: a bad input costs no Inception pass
 
@@ -295,7 +295,7 @@ def _write_pngs(folder: Path, images: np.ndarray) -> Path:
 
 
 def _late_failures(folder: Path, ref: Path, sample: Path, sample_images: np.ndarray) -> dict[str, tuple[list, str]]:
-    """Inputs that used to fail only after the Inception pass (issue 11 items 6, 7, 9)."""
+    """Inputs that used to fail only after the Inception pass."""
     cases: dict[str, tuple[list, str]] = {}
     np.savez(folder / "ref3.npz", arr_0=sample_images[:3])
     cases["too few for precision/recall"] = ([str(folder / "ref3.npz"), str(sample)], "more than 3 reference")
@@ -353,7 +353,7 @@ def test_report_names_work_as_metrics(cli_run: dict, batch_files: tuple[Path, Pa
 
 def test_statistics_only_reference_serves_fid_and_sfid(tmp_path: Path, stand_in: StandInExtractor,
                                                        ref_images: np.ndarray, sample_images: np.ndarray):
-    """FID and sFID need only mu/sigma (mu_s/sigma_s) of the reference (issue 11 item 6)."""
+    """FID and sFID need only mu/sigma (mu_s/sigma_s) of the reference."""
     ref_feats = {k: v.double().numpy() for k, v in stand_in.extract(ref_images).items()}
     rng = np.random.default_rng(3)
     stats = {"mu": ref_feats["pool"].mean(0), "sigma": np.diag(rng.uniform(0.5, 1.0, 16)),

@@ -145,7 +145,7 @@ def test_a_full_reference_seeds_the_evaluator_cache(tmp_path: Path, image_folder
 
 
 def test_upsampled_images_are_counted_in_one_warning(tmp_path: Path, weights_file: Path):
-    """Issue 11 item 9: images smaller than --image-size are upsampled (as ADM does), with one warning."""
+    """Images smaller than --image-size are upsampled (as ADM does), with one warning."""
     folder = tmp_path / "small"
     folder.mkdir()
     rng = np.random.default_rng(2)

@@ -23,13 +23,12 @@ def test_streamed_stats_equal_whole():
         stats.update(x[a: a + 10])
     np.testing.assert_allclose(stats.mean(), x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats.cov(), np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
-    left, right = FeatureStats(9), FeatureStats(9)
-    left.update(x[:40])
-    right.update(torch.from_numpy(x[40:]).float())  # float32 torch rows are summed in float64 too
-    merged = left.merge(right)
-    np.testing.assert_allclose(merged.cov(), np.cov(x, rowvar=False), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(merged.mean(), x.mean(0), rtol=1e-6)
-    assert merged.reduce() is merged and merged.count == 103  # one process: the sums are the whole batch's
+    mixed = FeatureStats(9)
+    mixed.update(x[:40])
+    mixed.update(torch.from_numpy(x[40:]).float())  # float32 torch rows are summed in float64 too
+    np.testing.assert_allclose(mixed.cov(), np.cov(x, rowvar=False), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(mixed.mean(), x.mean(0), rtol=1e-6)
+    assert mixed.reduce() is mixed and mixed.count == 103  # one process: the sums are the whole batch's
 
 
 def test_weighted_update_equals_repeated_rows():

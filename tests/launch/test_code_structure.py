@@ -119,3 +119,21 @@ def test_user_errors_have_one_base_and_one_handler():
 BUILTIN_EXCEPTIONS = {name for name in dir(__builtins__) if name.endswith(("Error", "Exception"))} | {
     "Exception", "BaseException", "ValueError", "OSError", "RuntimeError", "KeyError", "TypeError"}
 ALLOWED_DISTRIBUTED = {"torch.distributed.run", "torch.distributed.elastic.multiprocessing.errors"}  # torchrun's CLI
+
+
+def test_the_repository_explains_itself():
+    """No file points outside the repository (to a shared folder beside it) or to numbered issues of a tracker
+    the repository does not hold."""
+    import re
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    text_files = [f for f in tracked if f.endswith((".py", ".md", ".toml", ".cfg", ".sh", ".sbatch", ".txt"))
+                  or f.startswith(".ci/")]
+    pattern = re.compile(r"\.\./shared|\b[Ii]ssues? #?\d+|\(#\d+\)")
+    offenders = [f"{f}:{n}" for f in text_files if (ROOT / f).is_file()
+                 for n, line in enumerate((ROOT / f).read_text(errors="replace").splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, offenders
+    assert (ROOT / "docs" / "DESIGN.md").is_file()
+    for doc in ("README.md", "docs/API.md", "pyproject.toml"):
+        assert "docs/DESIGN.md" in (ROOT / doc).read_text(), f"{doc} does not point to docs/DESIGN.md"

@@ -230,7 +230,7 @@ def train_checkpoint(path: Path, ema: dict, model: dict | None = None) -> Path:
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.99])
 def test_truncated_resume_checkpoint_names_the_flag(tmp_path, tiny_registry, randomize, fraction):
-    """Issue 11 item 9: torch.load says `[Errno 22] Invalid argument` (short cuts) or `PytorchStreamReader ...`."""
+    """torch.load says `[Errno 22] Invalid argument` (short cuts) or `PytorchStreamReader ...`."""
     good = train_checkpoint(tmp_path / "good.pt", make_state(tiny_registry["DiT-T/2"], 1, randomize))
     path = tmp_path / "0001000.pt"
     data = good.read_bytes()
@@ -244,7 +244,7 @@ def test_truncated_resume_checkpoint_names_the_flag(tmp_path, tiny_registry, ran
 @pytest.mark.parametrize("allow_pickle", [False, True])
 @pytest.mark.parametrize("content", [b"hello world\n", b"step 1000 loss 0.1\n", b'{"ema": 1}\n'])
 def test_text_file_as_checkpoint_names_the_flag(tmp_path, content, allow_pickle):
-    """Issue 11 item 9: a text file made torch.load say `101` / `KeyError: 101` / `pop from empty list`."""
+    """A text file made torch.load say `101` / `KeyError: 101` / `pop from empty list`."""
     path = tmp_path / "notes.pt"
     path.write_bytes(content)
     with pytest.raises(Exception):  # noqa: B017 - torch's own error, whatever its type, is what the user saw
@@ -286,7 +286,7 @@ def test_non_dit_contents(tmp_path, obj):
 
 
 def test_input_size_mismatch_names_the_vae_path_and_its_factor(tmp_path, tiny_registry, randomize, tiny_vae4_dir):
-    """Issue 11 item 9: a --vae-path VAE with another factor used to blame --image-size only."""
+    """A --vae-path VAE with another factor used to blame --image-size only."""
     from models.vae import load_codec
 
     path = tmp_path / "latent8.pt"  # an 8x8-latent model: 64 px through a factor-8 VAE
@@ -359,7 +359,7 @@ def test_legacy_format_loads_without_mmap(tmp_path, tiny_registry, randomize, lo
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_non_finite_ema_weights_end_with_one_line(tmp_path, tiny_registry, randomize, bad_value):
-    """Issue 11 item 1: a diverged checkpoint used to sample black images and exit 0."""
+    """A diverged checkpoint used to sample black images and exit 0."""
     ema = make_state(tiny_registry["DiT-T/2"], 1, randomize)
     ema["blocks.1.attn.qkv.weight"][3, 5] = bad_value
     path = train_checkpoint(tmp_path / "diverged.pt", ema, model=make_state(tiny_registry["DiT-T/2"], 2, randomize))

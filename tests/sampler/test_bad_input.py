@@ -7,7 +7,8 @@ import time
 import pytest
 
 import sample_ddp
-from sampling.config import ConfigError, SampleConfig
+from launch.runtime.errors import UserError
+from sampling.config import SampleConfig
 from sampling.options import config_from_args
 
 
@@ -28,10 +29,25 @@ def parse(*argv: str) -> SampleConfig:
         (["--ckpt", "/nonexistent/model.pt"], "--ckpt /nonexistent/model.pt does not exist"),
         (["--guidance-interval", "500", "100"], "needs LOW <= HIGH"),
         (["--global-seed", "-3"], "--global-seed must be in"),
+        (["--global-seed", "2048"], "--global-seed must be in [0, 2047]"),
+        (["--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+        (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+        (["--guidance-interval", "nan", "nan"], "--guidance-interval LOW HIGH must be finite"),
+        (["--guidance-interval", "-5", "100"], "timesteps are >= 0"),
+        (["--sampler", "ddim", "--ddim-eta", "nan"], "--ddim-eta must be in [0, 1]"),
+        (["--sampler", "ddim", "--ddim-eta", "1.5"], "--ddim-eta must be in [0, 1]"),
+        (["--dist-timeout", "nan"], "--dist-timeout nan"),
+        (["--dist-timeout", "1e300"], "--dist-timeout 1e+300"),
+        (["--sampler", "euler", "--num-sampling-steps", "1"], "euler needs at least 2 steps"),
+        (["--sampler", "heun", "--num-sampling-steps", "3"], "heun needs at least 6 steps"),
+        (["--sampler", "ddpm", "--num-sampling-steps", "1"], "ddpm needs at least 2 steps"),
+        (["--num-sampling-steps", "1001"], "at most the 1000 training steps"),
+        (["--ref", "x.npz", "--bootstrap", "100000000"], "--bootstrap 100000000: give 0 (none) to 1000"),
+        (["--ref", "x.npz", "--bootstrap-seed", "-1"], "--bootstrap-seed -1"),
     ],
 )
 def test_config_errors_are_one_line(argv, message):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         parse(*argv)
     assert message in str(info.value)
     assert "\n" not in str(info.value)

@@ -1,4 +1,4 @@
-"""Faults a cluster user meets (issue 11): each reproduced, each one line and a resumable folder."""
+"""Faults a cluster user meets: each reproduced, each one line and a resumable folder."""
 
 from __future__ import annotations
 

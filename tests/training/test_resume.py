@@ -1,6 +1,6 @@
 """Resuming at scale: state on the training device, one checkpoint choice for all ranks, memory-mapped loads.
 
-Device (issue 10, item 1), without a GPU: a float64 move stands in for the move to CUDA.
+Device, without a GPU: a float64 move stands in for the move to CUDA.
 `Optimizer.load_state_dict` puts every state tensor on its parameter's device and dtype at load time, so a
 state loaded before the networks move stays behind (on the CPU, in float32) and the first `opt.step()` on a
 GPU fails.
@@ -41,7 +41,7 @@ def test_resumed_optimizer_state_has_its_parameters_device_and_dtype(tiny_config
 
 
 def test_only_rank_0_lists_the_checkpoints(tiny_config, monkeypatch):
-    """Every rank resumes from the path rank 0 found (issue 10, item 6): the others never list the folder."""
+    """Every rank resumes from the path rank 0 found: the others never list the folder."""
     from pathlib import Path
 
     import train

@@ -1,4 +1,4 @@
-"""Failures of train.py are one line naming the file, exit 2 (issue 11): damaged resume checkpoints, write errors."""
+"""Failures of train.py are one line naming the file, exit 2: damaged resume checkpoints, write errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training step on the host side: no host sync per step, the EMA update, the worker count (issue 10, item 5).
+"""The training step on the host side: no host sync per step, the EMA update, the worker count.
 
 Host syncs are caught without a GPU by running the step on the `meta` device: a meta tensor has no data, so
 any read of a device value on the host (`.item()`, `float(t)`, `.cpu()`, `.tolist()`, `.numpy()`) raises
