@@ -66,7 +66,7 @@ def no_inception(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("Inception was loaded for DINOv2-only metrics")
 
     monkeypatch.setattr(networks, "InceptionExtractor", refuse)
-    monkeypatch.setattr(networks, "resolve_weights", refuse)
+    monkeypatch.setattr(networks, "resolve_weights_on_every_rank", refuse)
 
 
 def test_both_networks_in_one_pass_equal_numpy(sets: dict, stand_in: StandInExtractor,
