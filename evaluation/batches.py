@@ -38,7 +38,9 @@ from launch.runtime.rundir import (
 MAX_WORKERS = 8  # decoding beyond this is limited by the disk, not the CPUs
 DEFAULT_WORKERS = min(MAX_WORKERS, available_cpus())
 INDEX_PNG = re.compile(r"^\d{6,}\.png$")
-STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM reference batches
+STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"),  # ADM reference batches
+                   "dinov2": ("mu_dinov2", "sigma_dinov2")}  # FD_DINOv2, EDM2's default (torch) resize
+DINOV2_PIL_KEYS = ("mu_dinov2_pil", "sigma_dinov2_pil")  # FD_DINOv2 statistics of images resized by PIL
 
 
 class BatchError(UserError):
@@ -105,7 +107,7 @@ class NpzBatch(ImageBatch):
         self._members = names
         if IMAGES_KEY in names:
             self._open_images(self._zip.getinfo(names[IMAGES_KEY]))
-        elif any(all(key in names for key in pair) for pair in STATISTICS_KEYS.values()):
+        elif any(all(key in names for key in pair) for pair in (*STATISTICS_KEYS.values(), DINOV2_PIL_KEYS)):
             self.has_images = False
             self.num_images, self.height, self.width = 0, 0, 0
         else:

@@ -19,6 +19,7 @@ from diffusion.guidance import CHANNELS_FIRST3
 from diffusion.rng import MAX_GLOBAL_SEED, MAX_SAMPLES_PER_SEED
 from diffusion.samplers import DDIM, check_steps
 from evaluation.bootstrap import check_bootstrap
+from evaluation.dinov2 import DEFAULT_RESIZE
 from evaluation.inception import DEFAULT_BATCH_SIZE
 from evaluation.metrics import METRICS
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
@@ -90,6 +91,8 @@ class SampleConfig:
     no_cache: bool = False
     bootstrap: int = 0
     bootstrap_seed: int = 0
+    dinov2_weights: str | None = None
+    dinov2_resize: str = DEFAULT_RESIZE
     to_uint8: str | None = UINT8_DIT  # models.vae.UINT8_RULES (DiT's and SiT's, or REPA's); None: the family's
     family: str = FAMILY_DIT  # dit | sit | repa: which samplers apply (settled from the checkpoint when read)
     preset: str | None = None  # sampling.presets: the published recipe the settings came from

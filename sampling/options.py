@@ -19,6 +19,7 @@ from diffusion.guidance import CHANNEL_MODES
 from diffusion.rng import LABEL_SAMPLING, MAX_GLOBAL_SEED
 from diffusion.samplers import DDPM, SAMPLER_NAMES
 from evaluation.cli import HelpFormatter, add_metric_args
+from evaluation.networks import check_weight_files
 from evaluation.run_metrics import check_reference, check_run_inputs
 from models.checkpoints import CUSTOM_MODEL, PUBLISHED, load_checkpoint, published_for
 from models.dit import DiT_models
@@ -74,7 +75,8 @@ def build_parser(description: str, epilog: str, prog: str | None = None,
     add("--global-seed", type=int, default=d.global_seed,
         help=f"0..{MAX_GLOBAL_SEED}; sample i is seeded with global_seed * 2**21 + i")
     add("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32, help="TF32 matmuls on Ampere+ GPUs")
-    add("--ckpt", default=d.ckpt, help="DiT, SiT or REPA checkpoint (.pt/.safetensors); default: the published weights of --model "
+    add("--ckpt", default=d.ckpt,
+        help="DiT, SiT or REPA checkpoint (.pt/.safetensors); default: the published weights of --model "
              "(DiT-XL/2 256/512, SiT-XL/2 256) or of --preset, downloaded once")
     add("--allow-pickle", action="store_true", help="load checkpoints that need full unpickling (trusted only)")
     add("--sampler", choices=ALL_SAMPLERS, default=argparse.SUPPRESS,
@@ -200,7 +202,7 @@ def check_evaluation(cfg: SampleConfig) -> None:
             raise ConfigError("--save none keeps only the features and the metrics: pass --ref REF.npz (or use "
                               "--save npz or png)")
         return
-    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
-        raise ConfigError(f"--inception-weights {cfg.inception_weights}: no such file")
-    reference, metrics = check_reference(cfg.ref, cfg.metrics)
-    check_run_inputs(reference, metrics, cfg.run_dir, cfg.num_fid_samples, cfg.image_size, cfg.bootstrap)
+    reference, metrics = check_reference(cfg.ref, cfg.metrics, cfg.dinov2_resize)
+    check_weight_files(metrics, cfg.inception_weights, cfg.dinov2_weights)
+    check_run_inputs(reference, metrics, cfg.run_dir, cfg.num_fid_samples, cfg.image_size, cfg.bootstrap,
+                     cfg.dinov2_resize)

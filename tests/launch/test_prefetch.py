@@ -137,7 +137,7 @@ def test_dry_run_lists_every_item_and_writes_nothing(caches, capsys):
     assert code == 0
     would = [line for line in out if ": would fetch " in line]
     assert [line.split(":")[0] for line in would] == ["DiT-XL/2-256", "DiT-XL/2-512", "vae ema", "vae mse",
-                                                      "inception"]
+                                                      "inception", "dinov2"]
     assert str(caches["torch"] / DIT_FILE) in would[0]
     assert not caches["torch_home"].exists() and not caches["hf_home"].exists()
 
