@@ -1,6 +1,6 @@
 """Fetch the sampler's and the evaluator's weight files on a machine with internet, for offline compute nodes.
 
-    python -m launch.prefetch                        # all: DiT-XL/2 256 and 512, SiT, REPA, both VAEs, Inception, DINOv2
+    python -m launch.prefetch                   # all: DiT-XL/2 256 and 512, SiT, REPA, both VAEs, Inception, DINOv2
     python -m launch.prefetch --models DiT-XL/2-256 --vae ema --inception
     python -m launch.prefetch --preset repa-sit-xl-2-256       # what sample_ddp.py --preset needs
     python -m launch.prefetch --dinov2                          # FD_DINOv2's ViT-L/14 (1.2 GB)
