@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.inception import TORCH_FILE_MAGIC, full_precision
+from evaluation.inception import full_precision
+from evaluation.weights_file import load_weights_file
 from launch.runtime.errors import UserError
 from launch.runtime.files import DownloadError, FileWriteError, download, torch_hub_checkpoints
 
@@ -60,7 +61,6 @@ LAYERSCALE_INIT = 1.0  # any value: it only makes timm create ls1/ls2, which the
 DEFAULT_BATCH_SIZE = 64
 CPU_FORWARD_BATCH = 8  # on CPU larger forwards are no faster
 RGB = 3
-SNIFF_BYTES = 16
 
 _BLOCK_PARAMS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                  "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
@@ -161,26 +161,7 @@ def read_arch(state: Mapping[str, torch.Tensor], label: str) -> ViTArch:
 
 def load_state(path: Path, label: str) -> dict[str, torch.Tensor]:
     """The state dict of a DINOv2 weights file, memory-mapped (the shapes cost no read of the 1.2 GB)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-    except OSError as exc:
-        raise DinoV2WeightsError(f"{label}: cannot read it ({exc.strerror or exc})") from None
-    if not head.startswith(TORCH_FILE_MAGIC):
-        kind = "an empty file" if not head else f"a file starting with {head!r}"
-        raise DinoV2WeightsError(f"{label} is not a PyTorch weights file ({kind}); pass {DINOV2_WEIGHTS}")
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise DinoV2WeightsError(f"{label}: cannot load it as PyTorch weights ({type(exc).__name__}: "
-                                 f"{first[:160]}; truncated?); pass {DINOV2_WEIGHTS}") from None
-    if not isinstance(state, dict):
-        raise DinoV2WeightsError(f"{label} holds a {type(state).__name__}, not a state dict; pass {DINOV2_WEIGHTS}")
-    return state
+    return load_weights_file(path, label, f"pass {DINOV2_WEIGHTS}", DinoV2WeightsError, mmap=True)
 
 
 def describe_weights(path: Path, source: str, label: str, arch: ViTArch | None) -> DinoV2Weights:
