@@ -288,3 +288,21 @@ def test_a_full_disk_names_the_block_that_failed(kind, folder, stand_in, files, 
     assert line.startswith(f"error: cannot write {kind} {run_dir_of(tmp_path)}/") and line.endswith(
         ": No space left on device"), line
     assert not list(run_dir_of(tmp_path).rglob(".*tmp*"))
+
+
+def test_no_temporary_of_a_killed_writer_survives_a_rerun(good, files, tmp_path):
+    """Block temporaries in images/ and features-*/, and those beside and in the folder, are removed when the
+    rerun opens the folder; the finished results are kept."""
+    sample_dir = Path(shutil.copytree(good, tmp_path / "copy"))
+    run = run_dir_of(sample_dir)
+    dead = "999999999-1"
+    left = [run / "images" / f".000000-000003-4.npz.tmp-{dead}",
+            features_dir(sample_dir) / f".000004-000007-4.npz.tmp-{dead}", run / f".manifest.json.tmp-{dead}",
+            sample_dir / f".{run.name}.npz.tmp-{dead}", sample_dir / f".{run.name}.metrics.json.tmp-{dead}"]
+    for path in left:
+        path.write_bytes(b"\0" * 1024)
+    again = Run(sampler_args(files, sample_dir))
+    assert again.code == 0, again.err
+    assert not [p for p in left if p.exists()] and not list(sample_dir.rglob(".*tmp*"))
+    assert f"{N} of {N} images present, 0 to sample" in again.out
+    assert npz_of(sample_dir).read_bytes() == npz_of(good).read_bytes()
