@@ -18,6 +18,7 @@ from PIL import Image
 
 import sample_ddp
 from launch.runtime import dist
+from launch.runtime.errors import UserError
 from sampling.config import ConfigError
 from sampling.options import config_from_args
 
@@ -294,3 +295,12 @@ def test_overwrite_never_deletes_through_a_symbolic_link(finished, sampler, tmp_
                     "links: remove the link, or pass the real folder's parent as --sample-dir")
     assert sorted(p.name for p in target.iterdir()) == before
     assert not list(sample_dir.glob(".*.lock"))
+
+
+def test_a_folder_as_ref_is_refused_at_once(sampler, tmp_path):
+    args = sample_ddp.build_parser().parse_args([*sampler.pixel_args(tmp_path / "s", N, 4), "--ref", str(tmp_path)])
+    with pytest.raises(UserError) as info:
+        config_from_args(args)
+    assert str(info.value) == (f"--ref {tmp_path} is a folder; pass the reference batch file (.npz), e.g. one "
+                               "built by python -m evaluation.reference")
+    assert not (tmp_path / "s").exists()
