@@ -6,10 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import sampler_args
 
 from launch import sweep
 from launch.runtime.errors import EXIT_BAD_INPUT
+
+
+def sampler_args(ckpt: Path, sample_dir: Path) -> list[str]:
+    """A tiny sweep of the launch tests' pixel checkpoint (conftest's tiny_ckpt)."""
+    return ["--model", "custom", "--ckpt", str(ckpt), "--image-size", "8", "--vae", "none", "--num-classes", "10",
+            "--num-fid-samples", "8", "--per-proc-batch-size", "2", "--num-sampling-steps", "5",
+            "--sample-dir", str(sample_dir)]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -27,7 +33,7 @@ def test_a_bad_point_or_sweep_folder_is_one_line_before_any_point(extra, message
     monkeypatch.setattr(sweep, "load_network", no_network)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
-    argv = [*sampler_args(tiny_ckpt, tmp_path / "s", n=8, steps=5), "--ref", str(ref_npz), "--no-plot",
+    argv = [*sampler_args(tiny_ckpt, tmp_path / "s"), "--ref", str(ref_npz), "--no-plot",
             *[a.format(blocker=blocker) for a in extra]]
     code = sweep.main(argv)
     err = capsys.readouterr().err.strip()

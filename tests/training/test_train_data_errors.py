@@ -3,6 +3,7 @@ traceback, whether the file is found while listing the folder or by a DataLoader
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_ARCH, TINY_SIZE, train_env
 from PIL import Image
 
 from models import data
 
+ROOT = Path(__file__).resolve().parents[2]
+TINY_ARCH = dict(model="custom", depth=1, hidden_size=32, num_heads=2, patch_size=2)
+TINY_SIZE = 8
 CLASSES = ("cat", "dog")
 IMAGES_PER_CLASS = 4
+
+
+def train_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", DIT_CPU_THREADS="1")
+    return env
 
 
 def image_folder(root: Path) -> Path:
