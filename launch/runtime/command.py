@@ -9,8 +9,10 @@ and no collective; `body` does the work. A `UserError` (see launch.runtime.error
 `error: <its one line>` and gives exit 2: from `prepare` by rank 0 alone (every rank finds the same), from `body`
 by rank 0, or, for a `RankError`, by the rank that found it, which also records it for its peers. When that
 happens inside a process group of several ranks, this process leaves at once (another rank may be waiting in a
-collective that will never come). Warnings print as `warning: <message>` lines while the command runs. Any
-other exception is a bug: `dist.install_fail_fast` (or Python) prints its traceback and the exit code is 1.
+collective that will never come). A rank other than 0 with an error that every rank finds prints nothing and
+waits for the launcher to end it once rank 0 has reported (`wait_for_rank0_to_report`). Warnings print as
+`warning: <message>` lines while the command runs. Any other exception is a bug: `dist.install_fail_fast` (or
+Python) prints its traceback and the exit code is 1.
 """
 
 from __future__ import annotations
