@@ -36,6 +36,7 @@ from launch.runtime.rundir import (
 )
 
 MAX_WORKERS = 8  # decoding beyond this is limited by the disk, not the CPUs
+POOL_MIN_IMAGES = 1024  # fewer PNGs decode faster here than a spawned worker (which imports torch) starts
 DEFAULT_WORKERS = min(MAX_WORKERS, available_cpus())
 INDEX_PNG = re.compile(r"^\d{6,}\.png$")
 STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"),  # ADM reference batches
@@ -364,7 +365,8 @@ def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
                chunk: int = 64) -> Path:
     """Decode PNGs in parallel worker processes, in order, and stream them into `out` (an ADM .npz).
 
-    Memory stays at about `chunk * 2 * workers` images whatever `num_images` is.
+    Memory stays at about `chunk * 2 * workers` images whatever `num_images` is. Below POOL_MIN_IMAGES images
+    they decode on one thread of this process: a worker process takes seconds to start.
     """
     files = list(files)
     if len(files) != num_images:
@@ -373,6 +375,8 @@ def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
         raise BatchError(f"{out}: no images to pack")
     first = _read_png(files[0])
     height, width = first.shape[:2]
+    if num_images < POOL_MIN_IMAGES:
+        workers = 1
     with _decode_pool(workers) as pool, NpzWriter(out, IMAGES_KEY, num_images, (height, width, RGB_CHANNELS)) as writer:
         lookahead: deque[Future] = deque()
         starts = iter(range(0, num_images, chunk))
