@@ -38,7 +38,7 @@ from diffusion.samplers import DDIM, Sampler
 from diffusion.training_timesteps import ScheduleSampler, create_named_schedule_sampler
 from launch.runtime import dist
 from launch.runtime.command import run_command
-from launch.runtime.files import FileWriteError, atomic_write, os_reason
+from launch.runtime.files import FileWriteError, atomic_write, os_reason, remove_stale_temps
 from models import data, training
 from models.dit import DiT
 from models.sit import SiT
@@ -568,6 +568,9 @@ class Trainer:
         if info.is_main:
             with atomic_write(self.results / CONFIG_NAME, "w") as f:  # creates the results folder too
                 f.write(json.dumps(state.config, indent=2, sort_keys=True) + "\n")
+            folder = training.checkpoint_dir(self.results)
+            if folder.is_dir() and remove_stale_temps(folder):  # a checkpoint half-written by a killed job
+                dist.print0(f"removed the temporary files a killed run left in {folder}")
         n_params = sum(p.numel() for p in state.model.parameters())
         dist.print0(
             f"{info.world_size} process(es) on {self.device.type}; {len(self.data.dataset)} items, "
