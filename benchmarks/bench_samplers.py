@@ -22,6 +22,9 @@ One process: the model is loaded once (per --ckpt), Inception once, the referenc
     images that the table shows (the FID part's own timing shares the cores with Inception and other load).
 
 Runs are `sampler:NFE` (Heun: the step count whose NFE 2 x steps - 1 is the largest not above NFE).
+A flow-matching checkpoint (train.py --objective flow, SiT, REPA) takes the flow samplers (default runs:
+FLOW_FID_RUNS, euler-maruyama 250 first: the published protocol the others are measured against); dopri5's
+NFE is adaptive and reported as the mean over the batches. The error part is DDPM-family only.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusion.flow import DOPRI5, EULER_MARUYAMA, FLOW_FAMILIES, FlowSampler
+from diffusion.flow import EULER as FLOW_EULER
+from diffusion.flow import HEUN as FLOW_HEUN
 from diffusion.guidance import CHANNELS_ALL, guided_model
 from diffusion.rng import BALANCED_LABELS, SampleNoise, class_labels
 from diffusion.samplers import DDIM, DDPM, DPMPP_2M, DPMPP_2M_SDE, EULER, HEUN, UNIPC, Sampler
@@ -62,6 +68,11 @@ FID_RUNS = (
     + [f"{DDIM}:{n}" for n in (10, 25, 50)]
     + [f"{s}:{n}" for s in (DPMPP_2M, DPMPP_2M_SDE, UNIPC, EULER, HEUN) for n in (5, 10, 15, 25)]
 )
+FLOW_FID_RUNS = (
+    [f"{EULER_MARUYAMA}:{n}" for n in (250, 50, 25, 15, 10)]
+    + [f"{s}:{n}" for s in (FLOW_EULER, FLOW_HEUN, DPMPP_2M, UNIPC) for n in (10, 15, 25)]
+    + [f"{DOPRI5}:2"]
+)
 METRICS = (METRIC_FID, METRIC_SFID, METRIC_PREC, METRIC_RECALL)
 REFERENCE_SAMPLER = DPMPP_2M
 DDIM_ALL_STEPS = 1000  # the independent check: DDIM on every training step
@@ -78,6 +89,11 @@ class Demo:
     model: torch.nn.Module
     objective: dict[str, Any]
     model_fn: Any
+    family: str
+
+    @property
+    def flow(self) -> bool:
+        return self.family in FLOW_FAMILIES
 
 
 def load_demo(path: str, cfg_scale: float) -> Demo:
@@ -88,7 +104,8 @@ def load_demo(path: str, cfg_scale: float) -> Demo:
     objective = {"predict_v": config.get("prediction") == "v",
                  "noise_schedule": config.get("noise_schedule", "linear"),
                  "diffusion_steps": int(config.get("diffusion_steps", 1000))}
-    return Demo(path, model, objective, guided_model(model, cfg_scale, DIGITS_NUM_CLASSES, CHANNELS_ALL))
+    return Demo(path, model, objective, guided_model(model, cfg_scale, DIGITS_NUM_CLASSES, CHANNELS_ALL),
+                meta.get("family", "dit"))
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
@@ -96,7 +113,9 @@ def steps_for_nfe(name: str, nfe: int) -> int:
     return (nfe + 1) // 2 if name == HEUN else nfe
 
 
-def make_sampler(demo: Demo, name: str, steps: int) -> Sampler:
+def make_sampler(demo: Demo, name: str, steps: int) -> Sampler | FlowSampler:
+    if demo.flow:
+        return FlowSampler(name, steps, family=demo.family)
     return Sampler(name, steps, learn_sigma=demo.model.learn_sigma, **demo.objective)
 
 
@@ -115,9 +134,15 @@ def sample(demo: Demo, sampler: Sampler, indices: Sequence[int], labels: np.ndar
     return sampler(demo.model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=clip).float()
 
 
-def draw(demo: Demo, sampler: Sampler, num: int, labels: np.ndarray, batch: int, clip: bool) -> torch.Tensor:
-    parts = [sample(demo, sampler, range(s, min(s + batch, num)), labels, clip) for s in range(0, num, batch)]
-    return torch.cat(parts)
+def draw(demo: Demo, sampler: Sampler, num: int, labels: np.ndarray, batch: int, clip: bool
+         ) -> tuple[torch.Tensor, float]:
+    """x_0 of samples 0..num-1 and the model evaluations per image (dopri5's adapt per batch: their mean)."""
+    parts, nfes = [], []
+    for s in range(0, num, batch):
+        parts.append(sample(demo, sampler, range(s, min(s + batch, num)), labels, clip))
+        nfes.append(sampler.nfe)
+    nfe = float(np.mean(nfes))
+    return torch.cat(parts), (nfe if getattr(sampler, "name", None) == DOPRI5 else int(nfe))
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,8 +162,8 @@ def solver_error(demo: Demo, args: argparse.Namespace) -> dict[str, Any]:
     def solve(name: str, steps: int) -> tuple[torch.Tensor, int, float]:
         sampler = make_sampler(demo, name, steps)
         start = time.perf_counter()
-        x0 = draw(demo, sampler, n, labels, args.batch_size, clip=False)
-        return x0, sampler.nfe, time.perf_counter() - start
+        x0, nfe = draw(demo, sampler, n, labels, args.batch_size, clip=False)
+        return x0, nfe, time.perf_counter() - start
 
     reference, _, ref_seconds = solve(REFERENCE_SAMPLER, args.reference_steps)
     check, _, _ = solve(REFERENCE_SAMPLER, args.check_steps)
@@ -182,14 +207,14 @@ def fid_runs(demo: Demo, scorer: Scorer, args: argparse.Namespace) -> list[dict[
     labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
     codec = PixelCodec(demo.model.in_channels)
     rows = []
-    for run in args.runs:
+    for run in args.runs or (FLOW_FID_RUNS if demo.flow else FID_RUNS):
         name, target = parse_run(run)
         sampler = make_sampler(demo, name, steps_for_nfe(name, target))
         start = time.perf_counter()
-        x0 = draw(demo, sampler, n, labels, args.batch_size, clip=True)
+        x0, nfe = draw(demo, sampler, n, labels, args.batch_size, clip=True)
         seconds = time.perf_counter() - start
         images = codec.decode(x0).numpy()
-        row = {"ckpt": demo.path, "sampler": name, "steps": sampler.steps, "nfe": sampler.nfe,
+        row = {"ckpt": demo.path, "sampler": name, "steps": sampler.steps, "nfe": nfe,
                "s_per_1000": round(seconds * PER_THOUSAND / n, 1), **scorer.score(images, labels)}
         rows.append(row)
         print(json.dumps({"part": "fid", **row}), flush=True)
@@ -225,13 +250,13 @@ def speed_runs(demo: Demo, args: argparse.Namespace) -> list[dict[str, Any]]:
     n = args.speed_samples
     labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
     rows = []
-    for run in args.runs:
+    for run in args.runs or (FLOW_FID_RUNS if demo.flow else FID_RUNS):
         name, target = parse_run(run)
         sampler = make_sampler(demo, name, steps_for_nfe(name, target))
         start = time.perf_counter()
-        draw(demo, sampler, n, labels, args.batch_size, clip=True)
+        _, nfe = draw(demo, sampler, n, labels, args.batch_size, clip=True)
         seconds = time.perf_counter() - start
-        rows.append({"sampler": name, "steps": sampler.steps, "nfe": sampler.nfe,
+        rows.append({"sampler": name, "steps": sampler.steps, "nfe": nfe,
                      "s_per_1000": round(seconds * PER_THOUSAND / n, 1)})
         print(json.dumps({"part": "speed", **rows[-1]}), flush=True)
     return rows
@@ -272,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-steps", type=int, default=999, help="steps of the converged ODE solution")
     p.add_argument("--check-steps", type=int, default=500, help="the same solver again, to estimate its error")
     p.add_argument("--num-samples", type=int, default=1000, help="images per FID run")
-    p.add_argument("--runs", nargs="+", default=list(FID_RUNS), help="sampler:NFE")
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="sampler:NFE (default: FID_RUNS, or FLOW_FID_RUNS for a flow-matching checkpoint)")
     p.add_argument("--speed-samples", type=int, default=200, help="images per run of the speed part")
     p.add_argument("--inception-batch", type=int, default=64)
     p.add_argument("--json", type=Path, default=None, help="write every number here")

@@ -20,9 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.batches import PngWriter, index_filename, pack_folder  # noqa: E402
-from evaluation.shards import DEFAULT_BLOCK_IMAGES, IMAGES_DIR, BlockWriter, ImageShards, assemble_npz  # noqa: E402
+from evaluation.batches import PngWriter, pack_folder  # noqa: E402
 from launch.runtime.files import available_cpus  # noqa: E402
+from launch.runtime.rundir import IMAGES_DIR, BlockWriter, ImageShards, assemble_npz, index_filename  # noqa: E402
+from sampling.config import DEFAULT_BLOCK_IMAGES  # noqa: E402
+
+RUN_ID = "bench"  # the run identity's id the shards carry (checked when assembled)
 
 
 def synthetic(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -40,7 +43,7 @@ def make_run(folder: Path, num: int, size: int, shard_size: int, batch: int = 32
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     pngs = PngWriter(workers=2)
-    shards = BlockWriter(num, shard_size, folder / IMAGES_DIR, None)
+    shards = BlockWriter(num, shard_size, RUN_ID, folder / IMAGES_DIR, None)
     for start in range(0, num, batch):
         indices = list(range(start, min(num, start + batch)))
         images = np.stack([synthetic(rng, size) for _ in indices])
@@ -69,12 +72,13 @@ def main() -> None:
     folder = args.dir / f"run-{args.num}-{args.size}"
     make_run(folder, args.num, args.size, args.shard_size)
     labels = np.zeros(args.num, np.int64)
-    workers = max(2, available_cpus())  # what sample_ddp.pack uses
+    workers = max(2, available_cpus())  # what sampling.finish.pack uses
     png_out, shard_out = args.dir / "from-pngs.npz", args.dir / "from-shards.npz"
     png_s, shard_s = [], []
     for _ in range(args.repeat):  # alternating, so both see the same machine load and page cache
         png_s.append(timed(lambda: pack_folder(folder, png_out, args.num, labels=labels, workers=workers)))
-        shard_s.append(timed(lambda: assemble_npz(ImageShards.scan(folder, args.num, args.size), shard_out, labels)))
+        shard_s.append(timed(lambda: assemble_npz(ImageShards.scan(folder, args.num, args.size, RUN_ID), shard_out,
+                                                  labels)))
     assert png_out.read_bytes() == shard_out.read_bytes(), "the two .npz files differ"
     files = {"png": len(list(folder.glob("*.png"))), "shards": len(list((folder / IMAGES_DIR).glob("*.npz")))}
     print(json.dumps({"images": args.num, "size": args.size, "cpus": available_cpus(), "pack_workers": workers,

@@ -4,7 +4,7 @@ imports that point up the layers, module-level import cycles, the longest functi
     python benchmarks/code_shape.py [ROOT]
 
 Layers as in pyproject.toml's import-linter contract, plus the top-level scripts: commands (sample_ddp, train,
-launch.pipeline, launch.prefetch, launch.sweep) > models | evaluation > diffusion > the launch runtime helpers.
+every module directly in launch/) > sampling > models | evaluation > diffusion > launch.runtime.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGES = ("models", "diffusion", "evaluation", "launch")
+PACKAGES = ("models", "diffusion", "evaluation", "launch", "sampling")
 SCRIPTS = ("sample_ddp", "train")
 COMMANDS = {"sample_ddp", "train", "launch.pipeline", "launch.prefetch", "launch.sweep", "launch.torchrun"}
-LEVEL = {"commands": 3, "models": 2, "evaluation": 2, "diffusion": 1, "launch": 0}
+LEVEL = {"commands": 4, "sampling": 3, "models": 2, "evaluation": 2, "diffusion": 1, "launch": 0}
 LONGEST_SHOWN = 5
 
 

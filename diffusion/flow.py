@@ -102,6 +102,13 @@ def check_sampler(name: str, family: str) -> None:
                              f"use one of {', '.join(allowed)}")
 
 
+def check_flow_steps(name: str, steps: int) -> None:
+    """One line when ``steps`` is below flow sampler ``name``'s minimum (MIN_STEPS says why)."""
+    least, why = MIN_STEPS[name]
+    if steps < least:
+        raise DiffusionError(f"{name} needs at least {least} sampling steps, got {steps}: {why}")
+
+
 def network_time(family: str, t: float) -> float:
     """The t a ``family`` network is called with at the user's time t (1 = noise)."""
     return 1.0 - t if family == FAMILY_SIT else t
@@ -166,9 +173,7 @@ class FlowSampler:
         if name not in FLOW_SAMPLER_NAMES:
             raise DiffusionError(f"unknown flow sampler {name!r}; choose from {', '.join(FLOW_SAMPLER_NAMES)}")
         _check_family(family)
-        least, why = MIN_STEPS[name]
-        if steps < least:
-            raise DiffusionError(f"{name} needs at least {least} sampling steps, got {steps}: {why}")
+        check_flow_steps(name, steps)
         self.name, self.steps, self.family = name, steps, family
         self.atol, self.rtol = atol, rtol
         self.last_nfe: int | None = None

@@ -36,9 +36,12 @@ from launch.runtime.rundir import (
 )
 
 MAX_WORKERS = 8  # decoding beyond this is limited by the disk, not the CPUs
+POOL_MIN_IMAGES = 1024  # fewer PNGs decode faster here than a spawned worker (which imports torch) starts
 DEFAULT_WORKERS = min(MAX_WORKERS, available_cpus())
 INDEX_PNG = re.compile(r"^\d{6,}\.png$")
-STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM reference batches
+STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"),  # ADM reference batches
+                   "dinov2": ("mu_dinov2", "sigma_dinov2")}  # FD_DINOv2, EDM2's default (torch) resize
+DINOV2_PIL_KEYS = ("mu_dinov2_pil", "sigma_dinov2_pil")  # FD_DINOv2 statistics of images resized by PIL
 
 
 class BatchError(UserError):
@@ -105,7 +108,7 @@ class NpzBatch(ImageBatch):
         self._members = names
         if IMAGES_KEY in names:
             self._open_images(self._zip.getinfo(names[IMAGES_KEY]))
-        elif any(all(key in names for key in pair) for pair in STATISTICS_KEYS.values()):
+        elif any(all(key in names for key in pair) for pair in (*STATISTICS_KEYS.values(), DINOV2_PIL_KEYS)):
             self.has_images = False
             self.num_images, self.height, self.width = 0, 0, 0
         else:
@@ -362,7 +365,8 @@ def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
                chunk: int = 64) -> Path:
     """Decode PNGs in parallel worker processes, in order, and stream them into `out` (an ADM .npz).
 
-    Memory stays at about `chunk * 2 * workers` images whatever `num_images` is.
+    Memory stays at about `chunk * 2 * workers` images whatever `num_images` is. Below POOL_MIN_IMAGES images
+    they decode on one thread of this process: a worker process takes seconds to start.
     """
     files = list(files)
     if len(files) != num_images:
@@ -371,6 +375,8 @@ def pack_files(files: Iterable[Path], out: str | os.PathLike, num_images: int,
         raise BatchError(f"{out}: no images to pack")
     first = _read_png(files[0])
     height, width = first.shape[:2]
+    if num_images < POOL_MIN_IMAGES:
+        workers = 1
     with _decode_pool(workers) as pool, NpzWriter(out, IMAGES_KEY, num_images, (height, width, RGB_CHANNELS)) as writer:
         lookahead: deque[Future] = deque()
         starts = iter(range(0, num_images, chunk))

@@ -1,15 +1,19 @@
 """What the evaluation commands and the sampler share: the metric flags (one definition, the same names and help
-in every command), the device and extractor set-up, and output paths checked up front."""
+in every command, FD_DINOv2's included), the device and networks set-up."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
 import torch
 
+from evaluation import dinov2
+from evaluation.dinov2 import DEFAULT_RESIZE, RESIZE_MODES
 from evaluation.errors import EvaluationError
-from evaluation.inception import DEFAULT_BATCH_SIZE, InceptionExtractor, resolve_weights_on_every_rank
-from evaluation.metrics import METRICS
+from evaluation.inception import DEFAULT_BATCH_SIZE
+from evaluation.metrics import ALL_METRICS, METRICS
+from evaluation.networks import FeatureNetworks, open_networks, resolve_network_weights
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from launch.runtime import dist
 
@@ -34,8 +38,8 @@ def add_metric_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
     """The metric flags of the evaluator and of the sampler's in-job metrics: which metrics, the network, the
     reference cache, the bootstrap spread."""
     p.add_argument("--metrics", default=",".join(METRICS),
-                   help="comma-separated subset to compute (the report's names inception_score, precision, ... "
-                        "work too)")
+                   help=f"comma-separated, from {','.join(ALL_METRICS)} (the report's names inception_score, "
+                        "precision, dinov2_precision, ... work too)")
     add_network_args(p)
     p.add_argument("--cache-dir", "--eval-cache-dir", dest="cache_dir", default=str(DEFAULT_CACHE_DIR),
                    help="where reference statistics are cached by content hash")
@@ -45,6 +49,24 @@ def add_metric_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
                    help="add fid_std, sfid_std, inception_score_std: the spread over K seeded resamples (with "
                         "replacement) of the sample images, reference fixed; 0: none")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
+    add_dinov2_args(p)
+
+
+def add_dinov2_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, weights: str | None = None,
+                    resize: str = DEFAULT_RESIZE) -> None:
+    """FD_DINOv2's flags, the one definition the evaluator, the reference builder and the sampler share
+    (`weights`, `resize`: the defaults, for a caller that keeps them elsewhere); read back by `dinov2_options`."""
+    p.add_argument(dinov2.WEIGHTS_FLAG, metavar="PATH", default=weights,
+                   help=f"DINOv2 ViT-L/14 weights for FD_DINOv2 ({dinov2.DINOV2_WEIGHTS}); default: torch hub cache, "
+                        "then download")
+    p.add_argument(dinov2.RESIZE_FLAG, choices=RESIZE_MODES, default=resize,
+                   help="FD_DINOv2's resize to 224 px: torch (bicubic with antialias, EDM2's default) or pil (PIL "
+                        "bicubic on uint8, dgm-eval's)")
+
+
+def dinov2_options(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(--dinov2-weights, --dinov2-resize) of a parser that `add_dinov2_args` set up (defaults otherwise)."""
+    return getattr(args, "dinov2_weights", None), getattr(args, "dinov2_resize", DEFAULT_RESIZE)
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -68,8 +90,10 @@ def init_device(spec: str) -> torch.device:
     return wanted if info.world_size == 1 and wanted.index is not None else info.device
 
 
-def open_extractor(args: argparse.Namespace) -> InceptionExtractor:
-    """Join the process group on `--device`, find the weights (rank 0 first: it may download), load the network."""
+def open_extractor(args: argparse.Namespace, metrics: Iterable[str] = METRICS) -> FeatureNetworks:
+    """Join the process group on `--device`, find the weights the metrics need (rank 0 first: it may download),
+    load those networks."""
     device = init_device(args.device)
-    weights = resolve_weights_on_every_rank(args.inception_weights, allow_download=not args.no_download)
-    return InceptionExtractor(weights, device, args.eval_batch_size)
+    dinov2_path, resize = dinov2_options(args)
+    inception, dino = resolve_network_weights(metrics, args.inception_weights, dinov2_path, not args.no_download)
+    return open_networks(metrics, device, args.eval_batch_size, inception, dino, resize)

@@ -1,4 +1,5 @@
-"""`python -m evaluation.evaluator REF.npz SAMPLE.npz`: ADM's report (IS, FID, sFID, precision, recall).
+"""`python -m evaluation.evaluator REF.npz SAMPLE.npz`: ADM's report (IS, FID, sFID, precision, recall), and
+EDM2's FD_DINOv2 when asked (`--metrics fid,fd_dinov2`).
 
 Same definitions and output lines as ADM's `evaluations/evaluator.py`, computed in PyTorch on torch-fidelity's
 TF-exact Inception (see `evaluation.report`). Under torchrun each rank extracts a contiguous slice of every
@@ -14,11 +15,17 @@ import sys
 from pathlib import Path
 
 from evaluation.bootstrap import check_bootstrap
-from evaluation.cli import HelpFormatter, add_device_arg, add_metric_args, open_extractor
+from evaluation.cli import (
+    HelpFormatter,
+    add_device_arg,
+    add_metric_args,
+    dinov2_options,
+    open_extractor,
+)
 from evaluation.errors import EvaluationError
-from evaluation.inception import FEATURE_DIMS
 from evaluation.inputs import EvaluationInputs, check_inputs
 from evaluation.metrics import METRIC_IS, format_report, format_spread, parse_metrics
+from evaluation.networks import check_weight_files, expected_dims
 from evaluation.report import evaluate_inputs
 from launch.runtime import dist
 from launch.runtime.checks import check_positive, check_writable
@@ -31,6 +38,7 @@ EXAMPLES = """examples:
   python -m evaluation.evaluator ref.npz samples.npz --bootstrap 10
   torchrun --standalone --nproc_per_node=8 -m evaluation.evaluator ref.npz samples.npz
   python -m evaluation.evaluator ref.npz sample_pngs/ --inception-weights weights-inception-2015-12-05-6726825d.pth
+  python -m evaluation.evaluator ref.npz samples.npz --metrics fid,fd_dinov2 --json results.json
 """
 
 
@@ -61,13 +69,15 @@ def _check(args: argparse.Namespace) -> tuple[list[str], Path | None, Evaluation
     check_positive({"--eval-batch-size": args.eval_batch_size})
     check_bootstrap(args.bootstrap, args.bootstrap_seed)
     json_out = check_writable(args.json, "--json") if args.json else None
-    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, FEATURE_DIMS, args.bootstrap)
+    dinov2_path, dinov2_resize = dinov2_options(args)
+    inputs = check_inputs(args.ref_batch, args.sample_batch, metrics, expected_dims(), args.bootstrap, dinov2_resize)
+    check_weight_files(metrics, args.inception_weights, dinov2_path)
     return metrics, json_out, inputs
 
 
 def _run(args: argparse.Namespace, metrics: list[str], json_out: Path | None, inputs: EvaluationInputs) -> int:
-    extractor = open_extractor(args)
-    weights = extractor.weights
+    extractor = open_extractor(args, metrics)
+    weights = extractor.weights  # Inception's: None when no Inception metric was asked
     if metrics == [METRIC_IS] and not weights.has_classifier:
         raise EvaluationError(weights.is_unavailable_reason())
     if METRIC_IS in metrics and not weights.has_classifier and dist.is_main():

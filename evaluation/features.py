@@ -1,9 +1,10 @@
-"""Inception features of a batch, accumulated per rank and combined over ranks.
+"""Features of a batch (Inception's, DINOv2's), accumulated per rank and combined over ranks.
 
 `FeatureAccumulator` is what both the evaluator and a sampling job feed: uint8 NHWC images (numpy, or a torch
 tensor on any device) with their global indices, in any order and batch size. It keeps running float64 sums
-for FID and sFID, per-split sums for the Inception Score, and, for the kinds asked for, each image's features
-(pool_3 for precision/recall; all of them for a bootstrap or for storing them beside the images).
+for FID, sFID and FD_DINOv2, per-split sums for the Inception Score, and, for the kinds asked for, each image's
+features (pool_3 or DINOv2's for precision/recall; all of them for a bootstrap or for storing them beside the
+images).
 `reduce()` combines the ranks: the sums are all-reduced, the kept rows gathered in global index order.
 """
 
@@ -26,15 +27,18 @@ from evaluation.statistics import FeatureStats, InceptionScoreSums
 from launch.runtime import dist
 from launch.runtime.partition import share_bounds
 
-POOL, SPATIAL, LOGITS = "pool", "spatial", "logits"  # the extractor's output keys
+POOL, SPATIAL, LOGITS = "pool", "spatial", "logits"  # the extractor's output keys (Inception)
 FEATURES = (POOL, SPATIAL, LOGITS)
+DINOV2 = "dinov2"  # DINOv2's CLS feature (evaluation.dinov2)
+ALL_FEATURES = (*FEATURES, DINOV2)
 Indices = int | Sequence[int] | np.ndarray | torch.Tensor  # an int: consecutive indices from there
 
 
 class FeatureExtractor(Protocol):
-    """What the evaluation needs of a network (`InceptionExtractor`, or a stand-in in tests)."""
+    """What the evaluation needs of a network (`InceptionExtractor`, `DinoV2Extractor`, `FeatureNetworks` of
+    several, or a stand-in in tests)."""
 
-    weights: InceptionWeights
+    weights: InceptionWeights | None
     device: torch.device
     batch_size: int
     has_logits: bool
@@ -52,6 +56,12 @@ class BatchFeatures:
     spatial: FeatureStats | None = None
     inception: InceptionScoreSums | None = None
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> [N, D] in global index order
+    dinov2: FeatureStats | None = None
+
+    def statistics(self) -> dict[str, FeatureStats]:
+        """kind -> the summed statistics this batch has (for its Frechet distances)."""
+        stats = {POOL: self.pool, SPATIAL: self.spatial, DINOV2: self.dinov2}
+        return {kind: s for kind, s in stats.items() if s is not None}
 
 
 def _index_tensor(indices: Indices, count: int, device: torch.device) -> torch.Tensor:
@@ -72,7 +82,7 @@ class FeatureAccumulator:
     """
 
     def __init__(self, extractor: FeatureExtractor, num_images: int, *, stats: Iterable[str] = (POOL, SPATIAL),
-                 inception_score: bool = True, keep: Iterable[str] = FEATURES):
+                 inception_score: bool = True, keep: Iterable[str] = ALL_FEATURES):
         self.extractor, self.num_images = extractor, num_images
         dims, device = extractor.feature_dims, extractor.device
         self.stats = {kind: FeatureStats(dims[kind], device) for kind in stats}
@@ -114,6 +124,7 @@ class FeatureAccumulator:
         result = BatchFeatures(self.num_images, inception=self.inception.reduce() if self.inception else None)
         result.pool = self.stats[POOL].reduce() if POOL in self.stats else None
         result.spatial = self.stats[SPATIAL].reduce() if SPATIAL in self.stats else None
+        result.dinov2 = self.stats[DINOV2].reduce() if DINOV2 in self.stats else None
         if self.keep:
             idx, rows = self.local_rows()
             result.rows = {kind: _gather_by_index(idx, part, self.num_images) for kind, part in rows.items()}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from evaluation.weights_file import load_weights_file
 from launch.runtime import dist
 from launch.runtime.errors import UserError
 from launch.runtime.files import (
@@ -117,28 +118,13 @@ def fid_helper_model_path() -> Path | None:
     return None
 
 
-TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; the legacy pickle format
-SNIFF_BYTES = 16
 
 
 def _load_state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:
     """torch-fidelity's state dict from `path`; `label` names it in errors (the flag, or the cache file)."""
     expected = f"pass {TORCH_FIDELITY_WEIGHTS} (torch-fidelity's Inception weights) or leave the flag out"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-    except OSError as exc:
-        raise InceptionWeightsError(f"{label}: cannot read it ({exc.strerror or exc})") from None
-    if not head.startswith(TORCH_FILE_MAGIC):
-        kind = "an empty file" if not head else f"a file starting with {head[:SNIFF_BYTES]!r}"
-        raise InceptionWeightsError(f"{label} is not a PyTorch weights file ({kind}); {expected}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise InceptionWeightsError(f"{label}: cannot load it as PyTorch weights ({type(exc).__name__}: "
-                                    f"{first[:160]}; truncated?); {expected}") from None
-    if not isinstance(state, dict) or "fc.weight" not in state or "Mixed_6d.branch1x1.conv.weight" not in state:
+    state = load_weights_file(path, label, expected, InceptionWeightsError)
+    if "fc.weight" not in state or "Mixed_6d.branch1x1.conv.weight" not in state:
         raise InceptionWeightsError(f"{label} is not a torch-fidelity Inception state dict; {expected}")
     return state
 

@@ -16,7 +16,8 @@ import torch
 
 from evaluation.bootstrap import bootstrap_spread
 from evaluation.features import (
-    FEATURES,
+    ALL_FEATURES,
+    DINOV2,
     LOGITS,
     POOL,
     SPATIAL,
@@ -28,28 +29,32 @@ from evaluation.features import (
 from evaluation.frechet import frechet_distance
 from evaluation.inputs import BatchInput, EvaluationInputs, Gaussian, check_inputs
 from evaluation.metrics import (
+    ALL_METRICS,
     FRECHET_FEATURES,
     JSON_KEYS,
-    MANIFOLD_METRICS,
+    MANIFOLD_FEATURES,
+    MANIFOLD_PAIRS,
     METRIC_IS,
-    METRIC_PREC,
-    METRIC_RECALL,
     METRICS,
     PRINT_NAMES,
 )
-from evaluation.precision_recall import precision_recall
+from evaluation.networks import dinov2_resize_of, networks_of, protocol_networks
+from evaluation.precision_recall import NEAREST_K, precision_recall
+from evaluation.protocol import PROTOCOL_KEY, evaluation_protocol, with_counts
 from evaluation.reference_cache import COMPUTED, DEFAULT_CACHE_DIR, GIVEN, Reference, load_reference
+from evaluation.statistics import IS_SPLIT_SIZE
 from launch.runtime import dist
 from launch.runtime.versions import package_versions
 
-STATS_LABELS = {POOL: "sample pool_3", SPATIAL: "sample spatial"}
+STATS_LABELS = {POOL: "sample pool_3", SPATIAL: "sample spatial", DINOV2: "sample DINOv2"}
 
 
 def report_metrics(reference: Reference, sample: BatchFeatures, metrics: Iterable[str],
                    sample_given: Mapping[str, Gaussian] | None = None, device: str | torch.device | None = None,
                    bootstrap: int = 0, bootstrap_seed: int = 0) -> dict[str, float | None]:
-    """The metric keys of the report (inception_score, fid, sfid, precision, recall; `<key>_std` with a
-    bootstrap) from the reference and the sample's combined features. A collective; the same on every rank.
+    """The metric keys of the report (inception_score, fid, sfid, precision, recall, fd_dinov2, dinov2_precision,
+    dinov2_recall; `<key>_std` with a bootstrap) from the reference and the sample's combined features. A
+    collective; the same on every rank.
 
     `sample_given`: statistics stored in the sample file, used instead of its features (ADM's read_statistics).
     """
@@ -58,7 +63,7 @@ def report_metrics(reference: Reference, sample: BatchFeatures, metrics: Iterabl
     report: dict[str, float | None] = {}
     if METRIC_IS in wanted:
         report[JSON_KEYS[METRIC_IS]] = sample.inception.score() if sample.inception is not None else None
-    stats = {POOL: sample.pool, SPATIAL: sample.spatial}
+    stats = sample.statistics()
 
     def frechet(m: str) -> float:
         kind = FRECHET_FEATURES[m]
@@ -66,13 +71,14 @@ def report_metrics(reference: Reference, sample: BatchFeatures, metrics: Iterabl
         return frechet_distance(*mine, *reference.statistics[kind], name=PRINT_NAMES[m])
 
     # The Frechet distances are a few seconds of float64 linear algebra: rank 0 computes, all ranks receive.
-    report.update(dist.rank0_shares(lambda: {JSON_KEYS[m]: frechet(m) for m in METRICS
+    report.update(dist.rank0_shares(lambda: {JSON_KEYS[m]: frechet(m) for m in ALL_METRICS
                                           if m in wanted and m in FRECHET_FEATURES}))
-    if wanted & MANIFOLD_METRICS:
-        precision, recall = precision_recall(reference.pool_features, sample.rows[POOL], device=device)
-        report.update({JSON_KEYS[m]: v for m, v in ((METRIC_PREC, precision), (METRIC_RECALL, recall)) if m in wanted})
+    for kind, pair in MANIFOLD_PAIRS.items():  # pool_3 (ADM's), DINOv2's
+        if wanted & set(pair):
+            values = precision_recall(reference.features[kind], sample.rows[kind], device=device)
+            report.update({JSON_KEYS[m]: v for m, v in zip(pair, values) if m in wanted})
     if bootstrap:
-        report.update(bootstrap_spread(reference, sample, [m for m in METRICS if m in wanted], bootstrap,
+        report.update(bootstrap_spread(reference, sample, [m for m in ALL_METRICS if m in wanted], bootstrap,
                                        bootstrap_seed))
     return report
 
@@ -82,13 +88,13 @@ def sample_accumulator(extractor: FeatureExtractor, inputs: EvaluationInputs) ->
     wanted, given = set(inputs.metrics), inputs.sample.given
     stats = [kind for m, kind in FRECHET_FEATURES.items() if m in wanted and kind not in given]
     inception_score = METRIC_IS in wanted and extractor.has_logits
-    keep = {POOL} if wanted & MANIFOLD_METRICS else set()
+    keep = {MANIFOLD_FEATURES[m] for m in wanted if m in MANIFOLD_FEATURES}
     if inputs.bootstrap:  # the resamples reweight each image's features
         keep |= {*stats, *([LOGITS] if inception_score else [])}
     if not (stats or inception_score or keep):
         return None
     return FeatureAccumulator(extractor, inputs.sample.batch.num_images, stats=stats,
-                              inception_score=inception_score, keep=[k for k in FEATURES if k in keep])
+                              inception_score=inception_score, keep=[k for k in ALL_FEATURES if k in keep])
 
 
 def evaluate_inputs(inputs: EvaluationInputs, extractor: FeatureExtractor,
@@ -109,7 +115,24 @@ def evaluate_inputs(inputs: EvaluationInputs, extractor: FeatureExtractor,
     report.update(run_facts(inputs, reference, extractor, time.perf_counter() - t0))
     if inputs.bootstrap:
         report["bootstrap"] = {"resamples": inputs.bootstrap, "seed": bootstrap_seed}
+    protocol = dist.rank0_shares(lambda: report_protocol(inputs.ref.batch.path, extractor, inputs.bootstrap,
+                                                      bootstrap_seed, cache_dir))
+    report[PROTOCOL_KEY] = with_counts(protocol, *counts(inputs, reference))
     return report
+
+
+def report_protocol(reference_path: Path, extractor: FeatureExtractor, bootstrap: int, bootstrap_seed: int,
+                    memo_dir: Path | None) -> dict[str, Any]:
+    """The protocol of an evaluation against `reference_path` with `extractor`, without counts (rank 0: it
+    hashes the reference and the weights, remembered in `memo_dir`)."""
+    settings = {"nearest_k": NEAREST_K, "is_split_size": IS_SPLIT_SIZE, "bootstrap_resamples": bootstrap,
+                "bootstrap_seed": bootstrap_seed if bootstrap else None}
+    return evaluation_protocol(reference_path, protocol_networks(extractor), settings, memo_dir)
+
+
+def counts(inputs: EvaluationInputs, reference: Reference) -> tuple[int | None, int | None]:
+    """(sample images, reference images) of an evaluation (None: a file of statistics only)."""
+    return inputs.sample.batch.num_images if inputs.sample.batch.has_images else None, reference.num_images
 
 
 def evaluate(ref_path: BatchInput, sample_path: BatchInput, extractor: FeatureExtractor,
@@ -117,21 +140,25 @@ def evaluate(ref_path: BatchInput, sample_path: BatchInput, extractor: FeatureEx
              chunk_size: int | None = None, *, bootstrap: int = 0, bootstrap_seed: int = 0) -> dict[str, Any]:
     """Compute the requested ADM metrics; returns the JSON report (metric keys map to floats or None).
     Every input is checked before any image goes through the network. A collective under torchrun."""
-    inputs = check_inputs(ref_path, sample_path, metrics, extractor.feature_dims, bootstrap)
+    inputs = check_inputs(ref_path, sample_path, metrics, extractor.feature_dims, bootstrap,
+                          dinov2_resize_of(extractor))
     return evaluate_inputs(inputs, extractor, cache_dir, chunk_size, bootstrap_seed)
 
 
 def run_facts(inputs: EvaluationInputs, reference: Reference, extractor: FeatureExtractor,
               seconds: float) -> dict[str, Any]:
     """Counts, sources, weights, device and versions: what the report says about how it was made."""
-    weights = extractor.weights
+    nets = networks_of(extractor)
+    inception = next((net.weights for net in nets if POOL in net.feature_dims), None)
+    dinov2 = next((net.weights for net in nets if DINOV2 in net.feature_dims), None)
     return {
         "num_samples": inputs.sample.batch.num_images if inputs.sample.batch.has_images else None,
         "num_reference": reference.num_images,
         "reference_statistics": reference.source,
         "sample_statistics": GIVEN if inputs.sample.given else COMPUTED,
-        "inception_weights": {"path": str(weights.path), "source": weights.source,
-                              "has_classifier": weights.has_classifier},
+        "inception_weights": None if inception is None else {
+            "path": str(inception.path), "source": inception.source, "has_classifier": inception.has_classifier},
+        **({} if dinov2 is None else {"dinov2_weights": {"path": str(dinov2.path), "source": dinov2.source}}),
         "device": str(extractor.device),
         "world_size": dist.world_size(),
         "seconds": round(seconds, 3),

@@ -1,18 +1,24 @@
 """Fetch the sampler's and the evaluator's weight files on a machine with internet, for offline compute nodes.
 
-    python -m launch.prefetch                                   # all: both DiT-XL/2, both VAEs, Inception
+    python -m launch.prefetch                   # all: DiT-XL/2 256 and 512, SiT, REPA, both VAEs, Inception, DINOv2
     python -m launch.prefetch --models DiT-XL/2-256 --vae ema --inception
+    python -m launch.prefetch --preset repa-sit-xl-2-256       # what sample_ddp.py --preset needs
+    python -m launch.prefetch --dinov2                          # FD_DINOv2's ViT-L/14 (1.2 GB)
     python -m launch.prefetch --dry-run                         # what would be fetched, and where
 
-Files go where the sampler and the evaluator look for them: the official DiT checkpoints and
-torch-fidelity's Inception weights into torch hub's cache ($TORCH_HOME/hub/checkpoints), the sd-vae-ft VAEs
+Files go where the sampler and the evaluator look for them: the published DiT, SiT and REPA checkpoints, each
+checked to load as its family, torch-fidelity's
+Inception weights and DINOv2's `dinov2_vitl14_pretrain.pth` into torch hub's cache ($TORCH_HOME/hub/checkpoints),
+the sd-vae-ft VAEs
 into the Hugging Face cache ($HF_HOME/hub, or $HF_HUB_CACHE). Each item is loaded once to prove it is
 usable, and the SHA-256 of its files is recorded in `prefetch-sha256.json` in that cache folder; a rerun
 skips what is present with the recorded sums, and fetches again what changed. The last lines printed are
 the environment for offline use (TORCH_HOME, HF_HOME, HF_HUB_OFFLINE=1).
 
-Sources can be redirected (mirrors, tests): $DIT_OFFICIAL_URL (a folder URL for the DiT files),
-$DIT_INCEPTION_URL (the Inception file's URL), $HF_ENDPOINT (the hub). file:// URLs work.
+Sources can be redirected (mirrors, tests): $DIT_OFFICIAL_URL (a folder URL for the DiT files), $DIT_SIT_URL and
+$DIT_REPA_URL (the SiT and REPA files' URLs),
+$DIT_INCEPTION_URL (the Inception file's URL), $DIT_DINOV2_URL (the DINOv2 file's URL), $HF_ENDPOINT (the hub).
+file:// URLs work.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusion.flow import FAMILY_DIT
+from evaluation import dinov2
 from evaluation.inception import TORCH_FIDELITY_URL, TORCH_FIDELITY_WEIGHTS, InceptionWeightsError, resolve_weights
 from launch.runtime.command import run_command
 from launch.runtime.errors import EXIT_FAILED, EXIT_OK, UserError
@@ -41,23 +49,22 @@ from launch.runtime.files import (
     torch_hub_checkpoints,
     write_json_atomic,
 )
-from models.checkpoints import (
-    OFFICIAL_CHECKPOINTS,
-    OFFICIAL_MODEL,
-    CheckpointError,
-    load_checkpoint,
-    official_base_url,
-    official_cache_path,
-)
+from models.checkpoints import PUBLISHED, CheckpointError, Published, load_checkpoint, official_base_url
 from models.vae import VAE_CONFIG, VAE_REPOS, VAE_WEIGHTS
+from sampling.presets import PRESETS
+
+PRESET_WEIGHTS = {name: (preset.published, preset.settings["vae"]) for name, preset in PRESETS.items()}
 
 EXIT_NOT_FETCHED = EXIT_FAILED  # at least one item could not be fetched or does not load
 SUMS_NAME = "prefetch-sha256.json"
 INCEPTION_URL_ENV = "DIT_INCEPTION_URL"
+DINOV2_URL_ENV = "DIT_DINOV2_URL"
 
 EXAMPLES = """examples:
   python -m launch.prefetch
   python -m launch.prefetch --models DiT-XL/2-256 --vae ema --inception
+  python -m launch.prefetch --dinov2
+  python -m launch.prefetch --preset repa-sit-xl-2-256
   TORCH_HOME=/shared/cache/torch HF_HOME=/shared/cache/hf python -m launch.prefetch --dry-run
 """
 
@@ -66,8 +73,8 @@ class PrefetchError(UserError):
     """An item cannot be fetched or does not load; the message is one line."""
 
 
-def _model_choices() -> dict[str, int]:
-    return {f"{OFFICIAL_MODEL}-{size}": size for size in OFFICIAL_CHECKPOINTS}  # "DiT-XL/2-256" -> 256
+def _model_choices() -> dict[str, Published]:
+    return dict(PUBLISHED)  # "DiT-XL/2-256", "DiT-XL/2-512", "SiT-XL/2-256", "REPA-SiT-XL/2-256"
 
 
 def _vae_choices() -> dict[str, str]:
@@ -218,11 +225,19 @@ class HubItem:
         return f"huggingface.co/{self.repo} -> {self.cache_dir}"
 
 
-def _verify_dit(path: Path) -> None:
-    try:
-        load_checkpoint(path)
-    except CheckpointError as exc:
-        raise PrefetchError(str(exc)) from None
+def _model_check(item: Published):  # noqa: ANN202 - a check of the downloaded file
+    """The file loads as the published model's family (a REPA file as repa, ...), with finite weights."""
+
+    def check(path: Path) -> None:
+        try:
+            _, meta = load_checkpoint(path, model_name=item.model)
+        except CheckpointError as exc:
+            raise PrefetchError(str(exc)) from None
+        if meta.get("family") != item.family:
+            raise PrefetchError(f"{path} holds a {meta.get('family')} checkpoint, not the {item.family} weights "
+                                f"{item.name}; delete it and fetch again")
+
+    return check
 
 
 def _verify_inception(path: Path) -> None:
@@ -232,18 +247,29 @@ def _verify_inception(path: Path) -> None:
         raise PrefetchError(str(exc)) from None
 
 
-def build_items(models: list[str], vaes: list[str], inception: bool) -> list[UrlItem | HubItem]:
-    sizes, repos = _model_choices(), _vae_choices()
+def _verify_dinov2(path: Path) -> None:
+    try:  # the architecture FD_DINOv2 uses, read from the file (memory-mapped)
+        dinov2.resolve_dinov2_weights(path, allow_download=False, arch=dinov2.METRIC_ARCH)
+    except dinov2.DinoV2WeightsError as exc:
+        raise PrefetchError(str(exc)) from None
+
+
+def build_items(models: list[str], vaes: list[str], inception: bool,
+                with_dinov2: bool = False) -> list[UrlItem | HubItem]:
+    published, repos = _model_choices(), _vae_choices()
     items: list[UrlItem | HubItem] = []
     for name in models:
-        size = sizes[name]
-        url = official_base_url() + OFFICIAL_CHECKPOINTS[size]
-        items.append(UrlItem(name, url, official_cache_path(size), _verify_dit))
+        item = published[name]
+        url = official_base_url() + item.file if item.family == FAMILY_DIT else item.source()
+        items.append(UrlItem(name, url, torch_hub_checkpoints() / item.file, _model_check(item)))
     items += [HubItem(f"vae {v}", repos[v], hf_hub_cache()) for v in vaes]
     if inception:
         url = os.environ.get(INCEPTION_URL_ENV) or TORCH_FIDELITY_URL
         dest = torch_hub_checkpoints() / TORCH_FIDELITY_WEIGHTS
         items.append(UrlItem("inception", url, dest, _verify_inception))
+    if with_dinov2:
+        url = os.environ.get(DINOV2_URL_ENV) or dinov2.DINOV2_URL
+        items.append(UrlItem("dinov2", url, torch_hub_checkpoints() / dinov2.DINOV2_WEIGHTS, _verify_dinov2))
     return items
 
 
@@ -296,11 +322,14 @@ def _split(text: str, choices: Sequence[str], flag: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.prefetch", description=__doc__.split("\n\n")[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", help="comma-separated official DiT checkpoints: DiT-XL/2-256,DiT-XL/2-512")
+    p.add_argument("--models", help=f"comma-separated published checkpoints: {','.join(PUBLISHED)}")
+    p.add_argument("--preset", choices=list(PRESET_WEIGHTS),
+                   help="a sampling preset's weights, its VAE and Inception (what sample_ddp.py --preset needs)")
     p.add_argument("--vae", help="comma-separated sd-vae-ft VAEs: ema,mse")
     p.add_argument("--inception", action="store_true", help="torch-fidelity's Inception weights (FID, IS)")
+    p.add_argument("--dinov2", action="store_true", help=f"DINOv2 ViT-L/14 weights {dinov2.DINOV2_WEIGHTS} (FD_DINOv2)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be fetched, and where")
-    p.epilog += "\nwith none of --models/--vae/--inception, everything is fetched\n"
+    p.epilog += "\nwith none of --models/--vae/--inception/--dinov2, everything is fetched\n"
     return p
 
 
@@ -311,12 +340,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def plan_items(args: argparse.Namespace) -> list[UrlItem | HubItem]:
     """What to fetch, from the flags (every item when none is named); one line naming a bad flag value."""
-    everything = args.models is None and args.vae is None and not args.inception
+    if args.preset is not None:
+        model, vae = PRESET_WEIGHTS[args.preset]
+        return build_items([model], [vae], True, args.dinov2)
+    everything = args.models is None and args.vae is None and not args.inception and not args.dinov2
     models = _split(args.models, list(_model_choices()), "--models") if args.models is not None else []
     vaes = _split(args.vae, list(_vae_choices()), "--vae") if args.vae is not None else []
     if everything:
         models, vaes = list(_model_choices()), list(_vae_choices())
-    return build_items(models, vaes, args.inception or everything)
+    return build_items(models, vaes, args.inception or everything, args.dinov2 or everything)
 
 
 def fetch_all(items: list[UrlItem | HubItem], dry_run: bool) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evaluation.metrics import JSON_KEYS, METRICS, STD_SUFFIX
+from evaluation.metrics import ALL_METRICS, JSON_KEYS, METRIC_FD_DINOV2, STD_SUFFIX
 from launch.runtime import dist
 from launch.runtime.checks import check_writable_dir
 from launch.runtime.command import exit_process, run_command
@@ -32,7 +32,7 @@ from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from launch.runtime.files import atomic_write, write_json_atomic
 from sampling.config import SAVE_NONE, SampleConfig, validate
 from sampling.finish import finish_folder
-from sampling.network import build_sampler, load_network
+from sampling.network import build_sampler, load_network, settle
 from sampling.options import build_parser as sampler_parser
 from sampling.options import config_from_args
 from sampling.run import PREEMPTED_LINE, Outcome, open_evaluation, run_labels, sample_folder, start_process
@@ -137,6 +137,7 @@ def run_sweep(points: list[Point], sweep_dir: Path, plot: bool) -> int:
     info = start_process(base)
     labels = run_labels(base)
     network = load_network(base, info.device)
+    points = [Point(settle(point.cfg, network)) for point in points]  # the checkpoint's family and its defaults
     samplers = [build_sampler(point.cfg, network) for point in points]  # every point checked against the model
     evaluation = open_evaluation(base, info.device)
     outcomes: list[Outcome] = []
@@ -163,7 +164,7 @@ def run_sweep(points: list[Point], sweep_dir: Path, plot: bool) -> int:
 def point_row(point: Point, report: dict[str, Any]) -> dict[str, Any]:
     """One line of the table: the point's settings, its metrics (and their bootstrap spread), its files."""
     cfg = point.cfg
-    keys = [JSON_KEYS[m] for m in METRICS]
+    keys = [JSON_KEYS[m] for m in ALL_METRICS if JSON_KEYS[m] in report]
     row: dict[str, Any] = {"cfg_scale": cfg.cfg_scale, "num_sampling_steps": cfg.num_sampling_steps,
                            "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
                            "setting": point.setting}
@@ -222,18 +223,23 @@ def _panel(ax: Any, lines: dict[str, list[dict[str, Any]]], x: str, y: str, labe
 
 
 def draw(rows: list[dict[str, Any]], out: Path, title: str) -> None:
-    """sweep.png: FID vs guidance scale, IS vs FID (labelled by scale), precision vs recall."""
+    """sweep.png: FID vs guidance scale, IS vs FID (labelled by scale), precision vs recall, and FD_DINOv2 vs
+    guidance scale when it was computed."""
     import matplotlib  # optional dependency (checked before sampling) that costs seconds to import: only here
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = _by_setting(rows)
-    fig, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE)
+    dinov2 = any(row.get(JSON_KEYS[METRIC_FD_DINOV2]) is not None for row in rows)
+    fig, axes = plt.subplots(1, 4 if dinov2 else 3, figsize=(FIGURE_SIZE[0] * (4 / 3 if dinov2 else 1),
+                                                             FIGURE_SIZE[1]))
     _panel(axes[0], lines, "cfg_scale", "fid", ("guidance scale", "FID"))
     _panel(axes[1], lines, "fid", "inception_score", ("FID", "Inception Score"), annotate=True,
            missing="not in --metrics, or Inception weights without a classifier")
     _panel(axes[2], lines, "recall", "precision", ("recall", "precision"), annotate=True)
+    if dinov2:
+        _panel(axes[3], lines, "cfg_scale", JSON_KEYS[METRIC_FD_DINOV2], ("guidance scale", "FD_DINOv2"))
     spread = any(key.endswith(STD_SUFFIX) for row in rows for key in row)
     fig.suptitle(title + (" (error bars: one bootstrap standard deviation)" if spread else ""))
     fig.tight_layout()

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 OFFICIAL_URL_ENV = "DIT_OFFICIAL_URL"  # mirror override (also used by the tests)
 OFFICIAL_CHECKPOINTS: dict[int, str] = {256: "DiT-XL-2-256x256.pt", 512: "DiT-XL-2-512x512.pt"}
 OFFICIAL_MODEL = "DiT-XL/2"
+SIT_RELEASE_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+                   "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=1")  # willisma/SiT's download.py
+REPA_RELEASE_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/last.pt"
+                    "?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=1")  # sihyun-yu/REPA's utils.py (4M steps)
 CUSTOM_MODEL = "custom"  # architecture read from a train.py checkpoint's config (any size)
 CUSTOM_ARCH_KEYS = ("depth", "hidden_size", "patch_size", "num_heads")
 
@@ -598,6 +603,61 @@ def build_model(
 
 
 # ------------------------------------------------------------------------------------- official download
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published checkpoint: where it comes from (``url_env`` names a mirror override), the file name it is
+    cached under in ``$TORCH_HOME/hub/checkpoints``, and the model, image size and family it holds."""
+
+    name: str
+    url: str
+    url_env: str
+    file: str
+    model: str
+    image_size: int
+    family: str
+
+    def source(self) -> str:
+        """The URL, or the mirror in the environment variable ``url_env`` (a full file URL; file:// works)."""
+        return os.environ.get(self.url_env) or self.url
+
+
+def _published() -> dict[str, Published]:
+    dit = {f"{OFFICIAL_MODEL}-{size}": Published(f"{OFFICIAL_MODEL}-{size}", OFFICIAL_URL + file, OFFICIAL_URL_ENV,
+                                                  file, OFFICIAL_MODEL, size, FAMILY_DIT)
+           for size, file in OFFICIAL_CHECKPOINTS.items()}
+    flow = {
+        "SiT-XL/2-256": Published("SiT-XL/2-256", SIT_RELEASE_URL, "DIT_SIT_URL", "SiT-XL-2-256x256.pt", "SiT-XL/2",
+                                  256, FAMILY_SIT),
+        "REPA-SiT-XL/2-256": Published("REPA-SiT-XL/2-256", REPA_RELEASE_URL, "DIT_REPA_URL",
+                                       "REPA-SiT-XL-2-256x256-last.pt", "SiT-XL/2", 256, FAMILY_REPA),
+    }
+    return {**dit, **flow}
+
+
+PUBLISHED: dict[str, Published] = _published()  # "DiT-XL/2-256", "DiT-XL/2-512", "SiT-XL/2-256", "REPA-SiT-XL/2-256"
+
+
+def published_for(model: str, image_size: int) -> Published | None:
+    """The published checkpoint of ``model`` at ``image_size`` (DiT-XL/2 256/512, SiT-XL/2 256), or None."""
+    return PUBLISHED.get(f"{model}-{image_size}")
+
+
+def published_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the published checkpoint ``name`` (a key of PUBLISHED), downloaded if not cached.
+
+    Call it on one process per node first (``launch.runtime.dist.node_first``); the others find the file."""
+    item = PUBLISHED[name]
+    path = (Path(cache_dir) if cache_dir is not None else torch_hub_checkpoints()) / item.file
+    if path.is_file():
+        return path
+    url = official_base_url() + item.file if item.family == FAMILY_DIT else item.source()
+    try:
+        download(url, path)
+    except (DownloadError, FileWriteError) as e:
+        raise CheckpointError(f"{e}; {PREFETCH_HINT}") from None
+    return path
 
 
 def official_base_url() -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion.rng import STREAM_DATA_FLIP, STREAM_DATA_ORDER, STREAM_LATENT_CHUNK, keyed_generator, stream_key
 from launch.runtime.command import run_command
-from launch.runtime.errors import EXIT_OK, UserError
+from launch.runtime.errors import EXIT_OK, RankError, UserError
 from launch.runtime.files import atomic_write
 from launch.runtime.images import center_crop
 from launch.runtime.partition import share_bounds
@@ -53,6 +54,10 @@ LATENT_SHARD_DIGITS = 9  # X.shards/000000000-000000032.pt
 
 class DataError(UserError):
     """The training data cannot be used (one-line message naming the path or flag)."""
+
+
+class UnreadableImageError(DataError, RankError):
+    """An image file of --data-path that does not decode, found by the rank (or DataLoader worker) reading it."""
 
 
 class _KeepWriteError:
@@ -189,6 +194,25 @@ def find_classes(root: Path) -> dict[str, int]:
     return {name: i for i, name in enumerate(classes)}
 
 
+def class_images(folder: Path) -> list[Path]:
+    """The image files under one class folder, sorted; an empty file (0 bytes, a copy that never finished) is
+    one DataError line naming it, found here while listing rather than by a DataLoader worker hours later."""
+    files = []
+    for p in folder.rglob("*"):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith("."):
+            continue
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # a dangling link: not an image file
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if st.st_size == 0:
+            raise DataError(f"--data-path image {p} is empty (0 bytes); copy it again or move it out of the folder")
+        files.append(p)
+    return sorted(files)
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/**/<image>`` with ADM centre-crop preprocessing to ``image_size``."""
 
@@ -201,16 +225,13 @@ class ImageFolderDataset(Dataset):
         self.class_to_idx = find_classes(self.root)
         self.samples: list[tuple[Path, int]] = []
         for name, idx in self.class_to_idx.items():
-            files = sorted(
-                p
-                for p in (self.root / name).rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-            )
+            files = class_images(self.root / name)
+            if not files:
+                raise DataError(
+                    f"--data-path class folder {self.root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    "add its images or move the folder out (class indices follow the sorted folder names)"
+                )
             self.samples.extend((p, idx) for p in files)
-        if not self.samples:
-            raise DataError(
-                f"--data-path {root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -222,7 +243,10 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as im:
                 arr = center_crop(im, self.image_size)  # uint8 [S, S, 3], ADM preprocessing
         except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot decode {path}: {e}") from None
+            reason = str(e).replace(f" '{path}'", "").replace(str(path), "the file")
+            raise UnreadableImageError(
+                f"--data-path image {path} does not decode ({reason}); replace it or move it out of the folder"
+            ) from None
         x = to_model_range(torch.from_numpy(np.array(arr)), self.channels)  # np.array: a writable copy
         return (x.flip(-1) if flip else x), label
 

@@ -171,6 +171,7 @@ class TrainConfig:
     eval_save: str = "none"
     eval_inception_weights: str | None = None
     eval_cache_dir: str | None = None  # None: the evaluator's reference cache
+    eval_dinov2_weights: str | None = None  # with DINOv2 metrics in --eval-metrics; None: the evaluator's lookup
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

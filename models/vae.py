@@ -29,9 +29,14 @@ VAE_CONFIG = "config.json"  # a diffusers AutoencoderKL folder: config + one wei
 VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
 PIXEL_CHANNEL_CHOICES = (1, 3)
 RGB_CHANNELS = 3
-UINT8_SCALE = 127.5  # [-1, 1] -> [0.5, 255.5] before truncation
-UINT8_OFFSET = 128.0
+UINT8_SCALE = 127.5
 UINT8_MAX = 255
+UINT8_DIT, UINT8_REPA = "dit", "repa"
+# [-1, 1] -> clamp(scale * x + offset, 0, 255), truncated: DiT's and SiT's clamp(127.5 x + 128) maps [-1, 1] to
+# [0.5, 255.5]; REPA's clamp(255 (x + 1) / 2) = clamp(127.5 x + 127.5) is half a level darker.
+UINT8_OFFSETS = {UINT8_DIT: 128.0, UINT8_REPA: 127.5}
+UINT8_RULES = {UINT8_DIT: "clamp(127.5 x + 128, 0, 255), truncated (DiT, SiT)",
+               UINT8_REPA: "clamp(255 (x + 1) / 2, 0, 255), truncated (REPA)"}
 HUB_PROBE_TIMEOUT_S = 3.0  # TCP connect to the hub endpoint before trying a download
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
@@ -40,13 +45,13 @@ class CodecError(UserError):
     """The codec cannot be loaded (one-line message naming the flag to fix)."""
 
 
-def to_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
-    """Images [B, C, H, W] in [-1, 1] -> contiguous uint8 [B, H, W, C] on the CPU (DiT/ADM mapping).
+def to_uint8_nhwc(x: torch.Tensor, rule: str = UINT8_DIT) -> torch.Tensor:
+    """Images [B, C, H, W] in [-1, 1] -> contiguous uint8 [B, H, W, C] on the CPU (`rule`: UINT8_RULES).
 
     The mapping and the uint8 conversion run on ``x``'s device, so a GPU sends the host one byte per pixel
     value instead of four (a float tensor copied to the host with a dtype change is converted on the host).
     """
-    x = torch.clamp(UINT8_SCALE * x.float() + UINT8_OFFSET, 0, UINT8_MAX)
+    x = torch.clamp(UINT8_SCALE * x.float() + UINT8_OFFSETS[rule], 0, UINT8_MAX)
     return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
@@ -68,8 +73,8 @@ class Codec(ABC):
         return image_size // self.downsample
 
     @abstractmethod
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model outputs [B, C, h, w] -> uint8 images [B, H, W, 3] on the CPU."""
+    def decode(self, z: torch.Tensor, uint8: str = UINT8_DIT) -> torch.Tensor:
+        """Model outputs [B, C, h, w] -> uint8 images [B, H, W, 3] on the CPU (`uint8`: the UINT8_RULES rule)."""
 
     @abstractmethod
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
@@ -86,9 +91,9 @@ class PixelCodec(Codec):
             raise CodecError(f"pixel codec supports 1 or 3 image channels, got {image_channels}")
         self.latent_channels = image_channels
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, uint8: str = UINT8_DIT) -> torch.Tensor:
         """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, 3] (CPU)."""
-        img = to_uint8_nhwc(z)
+        img = to_uint8_nhwc(z, uint8)
         return img.expand(-1, -1, -1, RGB_CHANNELS).contiguous() if img.shape[-1] == 1 else img
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
@@ -107,10 +112,10 @@ class LatentCodec(Codec):
         self.source = source
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, uint8: str = UINT8_DIT) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> uint8 [B, h*ds, w*ds, 3] (CPU); uint8 made on the VAE's device."""
         z = (z / VAE_SCALE_FACTOR).to(self.device, dtype=self.vae.dtype)
-        return to_uint8_nhwc(self.vae.decode(z).sample)
+        return to_uint8_nhwc(self.vae.decode(z).sample, uint8)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:

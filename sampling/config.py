@@ -14,18 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from diffusion import DiffusionError
+from diffusion.flow import FAMILY_DIT, FLOW_FAMILIES, check_flow_steps, samplers_for
+from diffusion.guidance import CHANNELS_FIRST3
 from diffusion.rng import MAX_GLOBAL_SEED, MAX_SAMPLES_PER_SEED
-from diffusion.samplers import DDIM, SAMPLER_NAMES, check_steps
+from diffusion.samplers import DDIM, check_steps
 from evaluation.bootstrap import check_bootstrap
+from evaluation.dinov2 import DEFAULT_RESIZE
 from evaluation.inception import DEFAULT_BATCH_SIZE
 from evaluation.metrics import METRICS
 from evaluation.reference_cache import DEFAULT_CACHE_DIR
 from launch.runtime import dist, rundir
 from launch.runtime.checks import check_positive
 from launch.runtime.errors import UserError
-from models.checkpoints import CUSTOM_MODEL, OFFICIAL_MODEL
+from models.checkpoints import CUSTOM_MODEL, OFFICIAL_MODEL, PUBLISHED
 from models.dit import DiT_models
-from models.vae import CODEC_NONE
+from models.sit import SiT_models
+from models.vae import CODEC_NONE, UINT8_DIT, UINT8_RULES
 
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes; reduce-overhead = CUDA graphs
@@ -65,7 +69,7 @@ class SampleConfig:
     allow_pickle: bool = False
     sampler: str = "ddpm"
     ddim_eta: float = 0.0
-    guidance_channels: str = "first3"
+    guidance_channels: str | None = CHANNELS_FIRST3  # None: the family's (settled when the checkpoint is read)
     guidance_interval: tuple[float, float] | None = None
     label_sampling: str = "random"
     precision: str = "fp32"
@@ -87,11 +91,26 @@ class SampleConfig:
     no_cache: bool = False
     bootstrap: int = 0
     bootstrap_seed: int = 0
+    dinov2_weights: str | None = None
+    dinov2_resize: str = DEFAULT_RESIZE
+    to_uint8: str | None = UINT8_DIT  # models.vae.UINT8_RULES (DiT's and SiT's, or REPA's); None: the family's
+    family: str = FAMILY_DIT  # dit | sit | repa: which samplers apply (settled from the checkpoint when read)
+    preset: str | None = None  # sampling.presets: the published recipe the settings came from
+    published: str | None = None  # models.checkpoints.PUBLISHED: the published weights sampled without --ckpt
+    preset_overrides: tuple[str, ...] = ()  # the preset's settings the command line changed
+
+    @property
+    def checkpoint_label(self) -> str | None:
+        """What names the weights in the run name: --ckpt's file, a flow model's published file, or None (the
+        official DiT weights, named "pretrained" as the official script does)."""
+        if self.ckpt is not None or self.published is None or PUBLISHED[self.published].family == FAMILY_DIT:
+            return self.ckpt
+        return PUBLISHED[self.published].file
 
     @property
     def run_name(self) -> str:
-        return rundir.run_name(self.model, self.ckpt, self.image_size, self.vae, self.cfg_scale, self.global_seed,
-                               self.sampler, self.num_sampling_steps, self.guidance_interval)
+        return rundir.run_name(self.model, self.checkpoint_label, self.image_size, self.vae, self.cfg_scale,
+                               self.global_seed, self.sampler, self.num_sampling_steps, self.guidance_interval)
 
     @property
     def run_dir(self) -> Path:
@@ -118,6 +137,10 @@ class SampleConfig:
             "label_sampling": self.label_sampling, "num_fid_samples": self.num_fid_samples,
             "precision": self.precision,
             **({"save": self.save} if self.save != SAVE_PNG else {}),  # folders of PNGs keep their old identity
+            # a flow model's family, its published weights and a non-DiT uint8 rule change the images; DiT runs
+            # keep the identity they had before flow models came
+            **({"family": self.family, "published": self.published} if self.family != FAMILY_DIT else {}),
+            **({"to_uint8": self.to_uint8} if self.to_uint8 != UINT8_DIT else {}),
         }
 
     def replace(self, **changes: Any) -> SampleConfig:
@@ -138,7 +161,8 @@ def _check_counts(cfg: SampleConfig) -> None:
 
 
 def _check_guidance(cfg: SampleConfig, scale_flag: str, interval_flag: str) -> None:
-    """Guidance values: finite, a scale of at least 1, an interval LOW <= HIGH of non-negative timesteps."""
+    """Guidance values: finite, a scale of at least 1, an interval LOW <= HIGH of non-negative timesteps (for a
+    flow model: of times in [0, 1], 1 = noise)."""
     if not math.isfinite(cfg.cfg_scale):
         raise ConfigError(f"{scale_flag} must be a finite number, got {cfg.cfg_scale}")
     if cfg.cfg_scale < 1.0:
@@ -151,27 +175,40 @@ def _check_guidance(cfg: SampleConfig, scale_flag: str, interval_flag: str) -> N
             raise ConfigError(f"{interval_flag} LOW HIGH needs LOW <= HIGH, got {low:g} {high:g}")
         if low < 0:
             raise ConfigError(f"{interval_flag} LOW HIGH: timesteps are >= 0, got {low:g} {high:g}")
+        if cfg.family in FLOW_FAMILIES and high > 1:
+            raise ConfigError(f"{interval_flag} LOW HIGH is in the flow time t in [0, 1] (1 = noise, REPA's "
+                              f"convention: 0 0.7 is REPA's --guidance-high 0.7), got {low:g} {high:g}")
 
 
 def _check_sampler(cfg: SampleConfig, steps_flag: str) -> None:
+    """The sampler applies to the model's family and takes this many steps; eta in [0, 1]."""
     if not (math.isfinite(cfg.ddim_eta) and 0 <= cfg.ddim_eta <= MAX_ETA):
         raise ConfigError(f"--ddim-eta must be in [0, {MAX_ETA:g}], got {cfg.ddim_eta}")
+    allowed = samplers_for(cfg.family)
+    if cfg.sampler not in allowed:
+        kind = "flow-matching" if cfg.family in FLOW_FAMILIES else "diffusion (DDPM)"
+        raise ConfigError(f"--sampler {cfg.sampler} does not apply to {cfg.model}, a {kind} model (family "
+                          f"{cfg.family}); use one of {', '.join(allowed)}")
     try:
-        check_steps(cfg.sampler, cfg.num_sampling_steps)
+        (check_flow_steps if cfg.family in FLOW_FAMILIES else check_steps)(cfg.sampler, cfg.num_sampling_steps)
     except DiffusionError as exc:
         raise ConfigError(f"{steps_flag} {cfg.num_sampling_steps}: {exc}") from None
 
 
-def _check_official(cfg: SampleConfig) -> None:
-    """Without --ckpt the official DiT-XL/2 is downloaded: the other flags must fit it."""
-    if cfg.model != OFFICIAL_MODEL or cfg.image_size not in OFFICIAL_SIZES:
-        raise ConfigError(f"official weights exist only for {OFFICIAL_MODEL} at 256 or 512 px; pass --ckpt "
-                          f"for {cfg.model} at {cfg.image_size} px")
+def _check_published(cfg: SampleConfig) -> None:
+    """Without --ckpt published weights are downloaded: the other flags must fit them."""
+    if cfg.published is None:
+        raise ConfigError(f"published weights exist only for {OFFICIAL_MODEL} at 256 or 512 px and SiT-XL/2 at 256 "
+                          f"px; pass --ckpt for {cfg.model} at {cfg.image_size} px")
+    item = PUBLISHED[cfg.published]
+    if (cfg.model, cfg.image_size) != (item.model, item.image_size):
+        raise ConfigError(f"the published {item.name} weights are {item.model} at {item.image_size} px, not "
+                          f"{cfg.model} at {cfg.image_size} px; pass --ckpt for another model")
     if cfg.num_classes != OFFICIAL_NUM_CLASSES:
-        raise ConfigError(f"the official DiT-XL/2 has {OFFICIAL_NUM_CLASSES} classes but --num-classes is "
+        raise ConfigError(f"the published {item.model} has {OFFICIAL_NUM_CLASSES} classes but --num-classes is "
                           f"{cfg.num_classes}; pass --ckpt for another model")
     if cfg.vae == CODEC_NONE:
-        raise ConfigError("the official DiT-XL/2 is a latent model; use --vae ema or mse")
+        raise ConfigError(f"the published {item.model} is a latent model; use --vae ema or mse")
 
 
 def validate(cfg: SampleConfig, flags: dict[str, str] | None = None) -> None:
@@ -179,21 +216,22 @@ def validate(cfg: SampleConfig, flags: dict[str, str] | None = None) -> None:
     a line names (a sweep's --cfg-scales for --cfg-scale, ...)."""
     flag = {"--cfg-scale": "--cfg-scale", "--guidance-interval": "--guidance-interval",
             "--num-sampling-steps": "--num-sampling-steps", **(flags or {})}
-    if cfg.model not in DiT_models and cfg.model != CUSTOM_MODEL:
-        raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)} or {CUSTOM_MODEL}")
-    if cfg.sampler not in SAMPLER_NAMES:
-        raise ConfigError(f"unknown --sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    if cfg.model not in DiT_models and cfg.model not in SiT_models and cfg.model != CUSTOM_MODEL:
+        raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join([*DiT_models, *SiT_models])} "
+                          f"or {CUSTOM_MODEL}")
+    if cfg.to_uint8 is not None and cfg.to_uint8 not in UINT8_RULES:
+        raise ConfigError(f"unknown --to-uint8 {cfg.to_uint8!r}; choose one of {', '.join(UINT8_RULES)}")
     _check_counts(cfg)
     _check_guidance(cfg, flag["--cfg-scale"], flag["--guidance-interval"])
     _check_sampler(cfg, flag["--num-sampling-steps"])
     dist.check_timeout(cfg.dist_timeout, "--dist-timeout")
     check_bootstrap(cfg.bootstrap, cfg.bootstrap_seed)
     downsample = 1 if cfg.vae == CODEC_NONE else SD_VAE_DOWNSAMPLE
-    patch = 1 if cfg.model == CUSTOM_MODEL else int(cfg.model.rsplit("/", 1)[1])  # "DiT-XL/2" -> 2
+    patch = 1 if cfg.model == CUSTOM_MODEL else int(cfg.model.rsplit("/", 1)[1])  # "DiT-XL/2", "SiT-XL/2" -> 2
     if cfg.image_size <= 0 or cfg.image_size % (downsample * patch):
         raise ConfigError(f"--image-size {cfg.image_size} does not fit {cfg.model}: it must be a multiple of "
                           f"{downsample * patch} (VAE factor {downsample} x patch {patch})")
     if cfg.ckpt is None and not cfg.pack_only:
-        _check_official(cfg)
+        _check_published(cfg)
     if cfg.ckpt is not None and not cfg.pack_only and not Path(cfg.ckpt).is_file():
         raise ConfigError(f"--ckpt {cfg.ckpt} does not exist")

@@ -32,10 +32,10 @@ from evaluation.run_metrics import RunEvaluation
 from launch.runtime import dist, preempt
 from launch.runtime.errors import UserError
 from models.checkpoints import CUSTOM_MODEL
-from models.training import TrainConfig, eval_sampler
+from models.training import OBJECTIVE_FAMILY, TrainConfig, eval_sampler
 from sampling.config import PRECISIONS, SAVE_CHOICES, ConfigError, SampleConfig, validate
 from sampling.finish import finish_folder
-from sampling.network import Network, build_sampler
+from sampling.network import Network, build_sampler, settle
 from sampling.options import check_evaluation, command_line
 from sampling.run import open_evaluation, run_labels, sample_folder
 
@@ -46,15 +46,15 @@ TRAIN_FLAGS = {
     "--global-seed": "--eval-seed", "--guidance-channels": "--eval-guidance-channels",
     "--label-sampling": "--eval-label-sampling", "--precision": "--eval-precision", "--save": "--eval-save",
     "--ref": "--eval-ref", "--metrics": "--eval-metrics", "--inception-weights": "--eval-inception-weights",
-    "--cache-dir": "--eval-cache-dir",
+    "--cache-dir": "--eval-cache-dir", "--dinov2-weights": "--eval-dinov2-weights",
 }
 # What sample_ddp.py needs to make the same images and the same numbers (everything in the run's identity, the
 # batch sizes, which change the last bits of a float, and the evaluation's inputs).
 SAMPLE_DDP_FIELDS = [
     "model", "ckpt", "vae", "vae_path", "image_size", "num_classes", "num_fid_samples", "per_proc_batch_size",
     "cfg_scale", "num_sampling_steps", "global_seed", "tf32", "sampler", "ddim_eta", "guidance_channels",
-    "guidance_interval", "label_sampling", "precision", "save", "ref", "metrics", "eval_batch_size",
-    "inception_weights",
+    "guidance_interval", "label_sampling", "to_uint8", "precision", "save", "ref", "metrics", "eval_batch_size",
+    "inception_weights", "dinov2_weights",
 ]
 
 
@@ -74,7 +74,8 @@ def eval_config(cfg: TrainConfig, num_classes: int) -> SampleConfig:
         label_sampling=cfg.eval_label_sampling, precision=cfg.eval_precision, dist_timeout=cfg.dist_timeout,
         save=cfg.eval_save, ref=_absolute(cfg.eval_ref), metrics=cfg.eval_metrics or d.metrics,
         eval_batch_size=cfg.eval_batch_size, inception_weights=_absolute(cfg.eval_inception_weights),
-        cache_dir=_absolute(cfg.eval_cache_dir) or d.cache_dir,
+        cache_dir=_absolute(cfg.eval_cache_dir) or d.cache_dir, dinov2_weights=_absolute(cfg.eval_dinov2_weights),
+        family=OBJECTIVE_FAMILY[cfg.objective],
     )
 
 
@@ -176,7 +177,8 @@ class TrainingEvaluation:
         """Every rank samples its share of the run folder under `sample_dir` from `network` (whose `checkpoint`
         names the file of these weights), features into the in-job metrics, the ranks reduce; rank 0 then writes
         the folder's grid and metrics.json. The model's train/eval mode is restored; a collective."""
-        cfg = self.cfg.replace(ckpt=str(Path(network.checkpoint).resolve()), sample_dir=str(sample_dir))
+        cfg = settle(self.cfg.replace(ckpt=str(Path(network.checkpoint).resolve()), sample_dir=str(sample_dir)),
+                     network)  # as sample_ddp.py settles it from the file: the same identity
         if self.sampler is None:
             self.sampler = build_sampler(cfg, network)
         start = time.perf_counter()

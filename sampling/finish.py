@@ -1,10 +1,17 @@
 """The end of a run, on rank 0 after the last collective: grid.png, `<run>.npz` (PNGs packed, or the image shards
-assembled without decoding) and `<run>.metrics.json` (the evaluator's report of the images in that `.npz`)."""
+assembled without decoding) and `<run>.metrics.json` (the evaluator's report of the images in that `.npz`).
+
+Both the end of a run and `--pack-only` hold the run folder's lock while they write: another run of the same
+command cannot open the folder (and remove this one's `.npz` temporary as a leftover) meanwhile; `--pack-only`
+removes what a killed writer left (a `.<run>.npz.tmp-*` of a packing killed midway) first.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +48,27 @@ def write_grid(cfg: SampleConfig, run: str) -> None:
         Image.fromarray(grid).save(f, format="PNG")
 
 
+@contextlib.contextmanager
+def holding_folder(cfg: SampleConfig) -> Iterator[None]:
+    """The run folder's lock, held while the end of a run writes beside the folder."""
+    lock = rundir.RunLock(cfg.run_dir)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def pack(cfg: SampleConfig) -> Path:
+    """--pack-only: `pack_folder_npz` with the folder's lock held, after removing what killed writers left."""
+    if rundir.Manifest.read(cfg.run_dir) is None:
+        raise ConfigError(f"{cfg.run_dir} has no {rundir.MANIFEST_NAME}; nothing to pack (run the sampler first)")
+    with holding_folder(cfg):
+        cfg.folder.remove_temporaries()
+        return pack_folder_npz(cfg)
+
+
+def pack_folder_npz(cfg: SampleConfig) -> Path:
     """Stream the run folder's images (PNGs, or image shards without decoding) into `<run>.npz` (arr_0 images,
     arr_1 labels); rank 0 only. The `.npz` already there is replaced only by a complete, checked one."""
     manifest = rundir.Manifest.read(cfg.run_dir)
@@ -79,9 +106,11 @@ def write_metrics(cfg: SampleConfig, report: dict, npz: Path | None) -> None:
 
 
 def finish_folder(cfg: SampleConfig, run: str, report: dict | None) -> None:
-    """Rank 0, after the sampling: close the session, write grid.png, the `.npz` and the metrics."""
-    rundir.Manifest.read(cfg.run_dir).finish_session()
-    write_grid(cfg, run)
-    npz = pack(cfg) if cfg.save != SAVE_NONE and not cfg.no_npz else None
-    if report is not None:
-        write_metrics(cfg, report, npz)
+    """Rank 0, after the sampling: close the session, write grid.png, the `.npz` and the metrics (the folder's
+    lock held)."""
+    with holding_folder(cfg):
+        rundir.Manifest.read(cfg.run_dir).finish_session()
+        write_grid(cfg, run)
+        npz = pack_folder_npz(cfg) if cfg.save != SAVE_NONE and not cfg.no_npz else None
+        if report is not None:
+            write_metrics(cfg, report, npz)

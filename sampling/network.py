@@ -1,6 +1,6 @@
 """What sampling runs on, loaded once per process: the model and its codec (`load_network`, or a `Network` made
-directly from a model in memory, as train.py's evaluation does), and the sampler of the checkpoint's family over
-its own noise schedule (`build_sampler`)."""
+directly from a model in memory, as train.py's evaluation does), and the sampler over the checkpoint's own noise
+schedule (`build_sampler`)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,28 @@ from dataclasses import dataclass
 import torch
 
 from diffusion import DEFAULT_DIFFUSION_STEPS, DiffusionError
-from diffusion.flow import FAMILY_DIT, FLOW_FAMILIES, FlowSampler, check_sampler
+from diffusion.flow import FAMILY_DIT, FAMILY_REPA, FLOW_FAMILIES, FlowSampler
+from diffusion.guidance import CHANNELS_ALL, CHANNELS_FIRST3
 from diffusion.samplers import DDIM, Sampler
 from launch.runtime import dist
-from models.checkpoints import build_model, checkpoint_channels, load_checkpoint, official_checkpoint
-from models.vae import CODEC_NONE, PIXEL_CHANNEL_CHOICES, Codec, load_codec
-from sampling.config import ConfigError, SampleConfig
+from models.checkpoints import build_model, checkpoint_channels, load_checkpoint, published_checkpoint
+from models.vae import CODEC_NONE, PIXEL_CHANNEL_CHOICES, UINT8_DIT, UINT8_REPA, Codec, load_codec
+from sampling.config import ConfigError, SampleConfig, validate
 
 
 @dataclass
 class Network:
     """The model (eval mode, on the device, compiled with --compile), its codec, the checkpoint file it came from
-    and what that file says about its training (`meta`: config, class map, and ``family``: dit, sit or repa)."""
+    and what that file says about it (`meta`: family and its evidence, training config, class map)."""
 
     model: torch.nn.Module
     codec: Codec
     checkpoint: str
     meta: dict
+
+    @property
+    def family(self) -> str:
+        return self.meta.get("family", FAMILY_DIT)
 
 
 def autocast(cfg: SampleConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -40,8 +45,11 @@ def autocast(cfg: SampleConfig, device: torch.device) -> contextlib.AbstractCont
 def load_network(cfg: SampleConfig, device: torch.device) -> Network:
     """Model and codec on `device`: the checkpoint is read first (its channels choose the pixel codec), the
     codec loaded once. On each node one process downloads first; the others then read the cache."""
-    ckpt = cfg.ckpt or str(dist.node_first(lambda: official_checkpoint(cfg.image_size), f"dit-{cfg.image_size}"))
-    loaded = load_checkpoint(ckpt, allow_pickle=cfg.allow_pickle)
+    ckpt = cfg.ckpt or str(dist.node_first(lambda: published_checkpoint(cfg.published), f"weights-{cfg.published}"))
+    loaded = load_checkpoint(ckpt, allow_pickle=cfg.allow_pickle, model_name=cfg.model)
+    meta = loaded[1]
+    dist.print0(f"model family {meta.get('family', FAMILY_DIT)}"
+                f"{' (assumed)' if meta.get('family_assumed') else ''}: {meta.get('family_evidence', 'DiT keys')}")
     channels = checkpoint_channels(loaded[0], ckpt)
     if cfg.vae == CODEC_NONE and channels not in PIXEL_CHANNEL_CHOICES:
         raise ConfigError(f"checkpoint {ckpt} has {channels} input channels: a latent model; pass --vae ema or mse")
@@ -104,14 +112,25 @@ def trained_objective(meta: dict) -> dict:
             "diffusion_steps": int(config.get("diffusion_steps", DEFAULT_DIFFUSION_STEPS))}
 
 
+def settle(cfg: SampleConfig, network: Network) -> SampleConfig:
+    """The configuration with the checkpoint's exact family and the family's defaults for what the command line
+    and the preset left open: guidance channels (REPA: all, else first3) and the uint8 conversion (REPA's own for
+    a REPA checkpoint, else DiT's). Checked again: a sampler of the other family is one line."""
+    family = network.family
+    repa = family == FAMILY_REPA
+    settled = cfg.replace(family=family,
+                          guidance_channels=cfg.guidance_channels or (CHANNELS_ALL if repa else CHANNELS_FIRST3),
+                          to_uint8=cfg.to_uint8 or (UINT8_REPA if repa else UINT8_DIT))
+    validate(settled)
+    return settled
+
+
 def build_sampler(cfg: SampleConfig, network: Network) -> Sampler | FlowSampler:
     """The --sampler for the checkpoint's family: a flow sampler for SiT and REPA; for DiT, on the checkpoint's
     own noise schedule and prediction type."""
-    family = network.meta.get("family", FAMILY_DIT)
-    if family in FLOW_FAMILIES:
+    if network.family in FLOW_FAMILIES:
         try:
-            check_sampler(cfg.sampler, family)
-            return FlowSampler(cfg.sampler, cfg.num_sampling_steps, family=family)
+            return FlowSampler(cfg.sampler, cfg.num_sampling_steps, family=network.family)
         except DiffusionError as exc:
             raise ConfigError(f"--sampler {cfg.sampler} --num-sampling-steps {cfg.num_sampling_steps}: {exc}") from None
     objective = trained_objective(network.meta)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffusion.flow import FLOW_FAMILIES, TIME_CONVENTION, FlowSampler
 from diffusion.rng import LABEL_RULES, SEED_RULE
 from diffusion.samplers import Sampler
 from evaluation.batches import png_is_valid
@@ -18,7 +19,9 @@ from launch.runtime import dist, partition, rundir
 from launch.runtime.blocks import Block
 from launch.runtime.files import file_sha256
 from launch.runtime.versions import package_versions
+from models.vae import UINT8_RULES
 from sampling.config import SAVE_NONE, SAVE_PNG, SampleConfig
+from sampling.presets import PRESETS
 
 
 def run_identity(cfg: SampleConfig) -> dict:
@@ -26,8 +29,25 @@ def run_identity(cfg: SampleConfig) -> dict:
     return cfg.identity(file_sha256(cfg.ckpt) if cfg.ckpt else None)
 
 
+def model_record(cfg: SampleConfig, meta: dict) -> dict:
+    """What the manifest says about the model: its family, how it was recognised, the time convention the
+    user's numbers are in, the uint8 conversion, and the preset with the settings the command line changed."""
+    record = {"family": cfg.family, "family_evidence": meta.get("family_evidence", "DiT keys"),
+              "family_assumed": bool(meta.get("family_assumed", False)), "uint8": UINT8_RULES[cfg.to_uint8],
+              "published_weights": cfg.published if cfg.ckpt is None else None}
+    if cfg.family in FLOW_FAMILIES:
+        record["time_convention"] = TIME_CONVENTION
+        record["guidance_interval_in"] = "flow time t in [0, 1], 1 = noise (REPA's --guidance-low/high)"
+    else:
+        record["guidance_interval_in"] = "training timesteps 0..T-1"
+    if cfg.preset is not None:
+        record["preset"] = {"name": cfg.preset, "settings": PRESETS[cfg.preset].settings,
+                            "overridden": {k: getattr(cfg, k) for k in cfg.preset_overrides}}
+    return record
+
+
 def open_folder(cfg: SampleConfig, info: dist.DistInfo, labels: np.ndarray, lock: rundir.RunLock,
-                sampler: Sampler, identity: dict) -> None:
+                sampler: Sampler | FlowSampler, identity: dict, meta: dict | None = None) -> None:
     """Rank 0: lock the run folder, check or create it, remove what killed writers left, start this session in
     its manifest."""
     manifest = rundir.prepare(cfg.run_dir, identity, cfg.overwrite, lock)
@@ -36,7 +56,7 @@ def open_folder(cfg: SampleConfig, info: dist.DistInfo, labels: np.ndarray, lock
     if manifest is None:
         manifest = rundir.Manifest(cfg.run_dir, {
             "version": rundir.MANIFEST_VERSION, "identity": identity, "config": dataclasses.asdict(cfg),
-            "sampler": sampler.describe(), "seed_formula": SEED_RULE,
+            "sampler": sampler.describe(), "model": model_record(cfg, meta or {}), "seed_formula": SEED_RULE,
             "label_rule": LABEL_RULES[cfg.label_sampling], "labels": labels.tolist(), "sessions": []})
     manifest.data["versions"] = package_versions()
     manifest.start_session(world_size=info.world_size, per_proc_batch_size=cfg.per_proc_batch_size,

@@ -16,15 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion.rng import class_labels
+from diffusion.flow import FlowSampler
+from diffusion.rng import SEED_RULE, class_labels
 from diffusion.samplers import Sampler
+from evaluation.protocol import add_sampling_fields, hash_file
 from evaluation.run_metrics import RunEvaluation, check_reference
 from launch.runtime import dist, preempt, rundir
 from launch.runtime.errors import EXIT_OK, EXIT_PREEMPTED
+from models.vae import UINT8_RULES
 from sampling.config import SampleConfig
 from sampling.consumers import RunOutputs
 from sampling.finish import finish_folder, pack
-from sampling.network import Network, build_sampler, load_network
+from sampling.network import Network, build_sampler, load_network, settle
 from sampling.plan import open_folder, plan_work, run_identity
 from sampling.stream import SampleStream
 
@@ -52,11 +55,12 @@ def start_process(cfg: SampleConfig) -> dist.DistInfo:
 
 def open_evaluation(cfg: SampleConfig, device: torch.device) -> RunEvaluation:
     """The feature network and the reference statistics of --ref, once per process (a collective)."""
-    reference, metrics = check_reference(cfg.ref, cfg.metrics)
+    reference, metrics = check_reference(cfg.ref, cfg.metrics, cfg.dinov2_resize)
     return RunEvaluation.open(reference, metrics, device, cfg.eval_batch_size, cfg.inception_weights,
                               allow_download=not cfg.no_download,
                               cache_dir=None if cfg.no_cache else Path(cfg.cache_dir),
-                              bootstrap=cfg.bootstrap, bootstrap_seed=cfg.bootstrap_seed)
+                              bootstrap=cfg.bootstrap, bootstrap_seed=cfg.bootstrap_seed,
+                              dinov2_weights=cfg.dinov2_weights, dinov2_resize=cfg.dinov2_resize)
 
 
 def run_labels(cfg: SampleConfig) -> np.ndarray:
@@ -64,15 +68,15 @@ def run_labels(cfg: SampleConfig) -> np.ndarray:
     return class_labels(cfg.num_fid_samples, cfg.num_classes, cfg.global_seed, cfg.label_sampling)
 
 
-def sample_folder(cfg: SampleConfig, info: dist.DistInfo, network: Network, sampler: Sampler, labels: np.ndarray,
-                  evaluation: RunEvaluation | None) -> Outcome:
+def sample_folder(cfg: SampleConfig, info: dist.DistInfo, network: Network, sampler: Sampler | FlowSampler,
+                  labels: np.ndarray, evaluation: RunEvaluation | None) -> Outcome:
     """One run folder, on every rank: open it (rank 0), plan what it owes, resume the stored features, stream the
     missing samples into the outputs and, with `evaluation`, reduce the features into the report."""
     lock = rundir.RunLock(cfg.run_dir)
     identity = run_identity(cfg)
     run = rundir.run_id(identity)
     try:
-        dist.rank0_shares(lambda: open_folder(cfg, info, labels, lock, sampler, identity))
+        dist.rank0_shares(lambda: open_folder(cfg, info, labels, lock, sampler, identity, network.meta))
         dist.report_failures_in(cfg.run_dir)  # a rank that fails leaves its line here for the others
         inputs = evaluation.inputs(cfg.run_dir, cfg.num_fid_samples, cfg.image_size) if evaluation else None
         plan = plan_work(cfg, info, identity, evaluation)
@@ -85,9 +89,26 @@ def sample_folder(cfg: SampleConfig, info: dist.DistInfo, network: Network, samp
         finally:
             outputs.close()
         report = outputs.report() if evaluation is not None and not stream.stopped else None
+        if report is not None:
+            add_sampling_fields(report, **sampling_protocol(cfg, info, network, sampler))
         return Outcome(stream.stopped, report, run)
     finally:
         lock.release()
+
+
+def sampling_protocol(cfg: SampleConfig, info: dist.DistInfo, network: Network, sampler: Sampler | FlowSampler
+                      ) -> dict:
+    """What the run's numbers depend on besides the yardstick: the protocol's sampling fields of
+    `<run>.metrics.json`, which `python -m evaluation.compare` reads side by side (a collective: rank 0 hashes
+    the checkpoint, remembered in the reference cache folder)."""
+    memo = None if cfg.no_cache else Path(cfg.cache_dir)
+    return {"model": cfg.model, "checkpoint_sha256": dist.rank0_shares(lambda: hash_file(network.checkpoint, memo)),
+            "family": network.family, "sampler": sampler.name, "num_steps": cfg.num_sampling_steps,
+            "nfe": sampler.nfe, "guidance_scale": cfg.cfg_scale, "guidance_channels": cfg.guidance_channels,
+            "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
+            "uint8_conversion": UINT8_RULES[cfg.to_uint8], "precision": cfg.precision,
+            "label_sampling": cfg.label_sampling, "vae": cfg.vae, "world_size": info.world_size,
+            "seed_rule": SEED_RULE, "global_seed": cfg.global_seed}
 
 
 def run(cfg: SampleConfig) -> int:
@@ -100,6 +121,7 @@ def run(cfg: SampleConfig) -> int:
         return EXIT_OK
     labels = run_labels(cfg)
     network = load_network(cfg, info.device)
+    cfg = settle(cfg, network)
     sampler = build_sampler(cfg, network)
     evaluation = open_evaluation(cfg, info.device) if cfg.ref else None
     outcome = sample_folder(cfg, info, network, sampler, labels, evaluation)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion.flow import FlowSampler
 from diffusion.guidance import guided_model
 from diffusion.rng import SampleNoise
 from diffusion.samplers import Sampler
@@ -53,7 +54,7 @@ class SampleStream:
     `network`; `between_rounds` runs on every rank after each round's batch was consumed (e.g. refreshing the
     run folder's lock)."""
 
-    def __init__(self, cfg: SampleConfig, info: dist.DistInfo, network: Network, sampler: Sampler,
+    def __init__(self, cfg: SampleConfig, info: dist.DistInfo, network: Network, sampler: Sampler | FlowSampler,
                  labels: np.ndarray, missing: Sequence[int], between_rounds: Callable[[], None] | None = None):
         self.cfg, self.info, self.network, self.sampler = cfg, info, network, sampler
         self.labels, self.missing = labels, list(missing)
@@ -96,7 +97,7 @@ class SampleStream:
         with autocast(cfg, device):
             x0 = self.sampler(self.model_fn, z, noise=noise, model_kwargs={"y": y}, clip_denoised=self.clip)
         finite = torch.isfinite(x0).flatten(1).all(dim=1)  # [B], read with the decoded batch (no extra sync)
-        images = self.network.codec.decode(x0.float())[: len(batch)]
+        images = self.network.codec.decode(x0.float(), self.cfg.to_uint8)[: len(batch)]
         self._check_finite(batch, finite.cpu())
         return SampleBatch(batch, self.labels[batch], images)
 

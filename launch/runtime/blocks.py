@@ -47,13 +47,15 @@ def crc32(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array).data)
 
 
-def write_block(path: Path, indices: np.ndarray, arrays: Mapping[str, np.ndarray], run: str, content: str) -> None:
-    """Write one block atomically with its origin and checksums; FileWriteError names it."""
+def write_block(path: Path, indices: np.ndarray, arrays: Mapping[str, np.ndarray], run: str, content: str,
+                what: str = "block") -> None:
+    """Write one block atomically with its origin and checksums; FileWriteError names it (`what`: e.g. image
+    shard, feature block)."""
     members = {INDICES_KEY: np.asarray(indices, np.int64), **{k: np.ascontiguousarray(v) for k, v in arrays.items()}}
     origin = {"format": BLOCK_FORMAT, "run": run, "content": content,
               "crc32": {name: crc32(array) for name, array in members.items()}}
     encoded = np.frombuffer(json.dumps(origin, sort_keys=True).encode(), np.uint8)
-    with atomic_write(path) as f:
+    with atomic_write(path, what=what) as f:
         np.savez(f, **members, **{ORIGIN_KEY: encoded})
 
 

@@ -9,15 +9,20 @@ and no collective; `body` does the work. A `UserError` (see launch.runtime.error
 `error: <its one line>` and gives exit 2: from `prepare` by rank 0 alone (every rank finds the same), from `body`
 by rank 0, or, for a `RankError`, by the rank that found it, which also records it for its peers. When that
 happens inside a process group of several ranks, this process leaves at once (another rank may be waiting in a
-collective that will never come). Warnings print as `warning: <message>` lines while the command runs. Any
-other exception is a bug: `dist.install_fail_fast` (or Python) prints its traceback and the exit code is 1.
+collective that will never come). A rank other than 0 with an error that every rank finds prints nothing and
+waits for the launcher to end it once rank 0 has reported (`wait_for_rank0_to_report`). Warnings print as
+`warning: <message>` lines while the command runs. Any other exception is a bug: `dist.install_fail_fast` (or
+Python) prints its traceback and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -26,6 +31,7 @@ from launch.runtime import dist
 from launch.runtime.errors import EXIT_BAD_INPUT, RankError, UserError
 
 Prepared = TypeVar("Prepared")
+RANK0_REPORT_WAIT_S = 60.0  # how long another rank waits for rank 0 to report an error both found (see say_error)
 
 
 def exit_process(code: int) -> None:
@@ -60,6 +66,20 @@ def say_error(exc: UserError) -> None:
         print(line, file=sys.stderr, flush=True)
     elif dist.is_main():
         print(f"error: {exc}", file=sys.stderr, flush=True)
+    else:
+        wait_for_rank0_to_report(exc)
+
+
+def wait_for_rank0_to_report(exc: UserError) -> None:
+    """A rank other than 0 found an error that every rank finds, and rank 0 prints it. Leaving at once could let
+    the launcher (torchrun ends every worker when one fails) stop rank 0 before it gets there, while it is still
+    starting: the job would end without a word. So wait for the launcher to end this process once rank 0 has
+    left (stop signals act at once meanwhile), and print the line here, with the rank, only if it never does."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+    time.sleep(RANK0_REPORT_WAIT_S)
+    print(f"error: [rank {dist.rank()}] {exc}", file=sys.stderr, flush=True)
 
 
 def run_command(prepare: Callable[[], Prepared], body: Callable[[Prepared], int]) -> int:

@@ -142,12 +142,21 @@ def info() -> DistInfo:
     return _info if _info is not None else init()
 
 
+def _env_as_given(name: str, default: int) -> int:
+    """A launch variable read without judging it (check_launch_env does that): `default` when it is not a
+    number, so that reporting a bad environment does not fail on it."""
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
 def rank() -> int:
-    return _info.rank if _info is not None else _env_int("RANK", 0)
+    return _info.rank if _info is not None else _env_as_given("RANK", 0)
 
 
 def world_size() -> int:
-    return _info.world_size if _info is not None else _env_int("WORLD_SIZE", 1)
+    return _info.world_size if _info is not None else _env_as_given("WORLD_SIZE", 1)
 
 
 def is_main() -> bool:

@@ -83,13 +83,15 @@ def remove_stale_temps(folder: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
+                 what: str = "") -> Iterator[IO[Any]]:
     """Open a temporary file beside `path`; on a clean exit it is renamed to `path`.
 
     Any OSError (disk full, file-size limit, permissions) removes the temporary file and is raised as
-    FileWriteError naming `path`; other errors remove it and propagate. `path` is never half written:
-    it keeps its old content until the rename. `fsync` makes the content durable before the rename
-    (manifests, checkpoints); the parent folder is created when missing.
+    FileWriteError naming `path` (`cannot write <what> <path>: <cause>`, `what` saying which kind of file it is);
+    other errors remove it and propagate. `path` is never half written: it keeps its old content until the
+    rename. `fsync` makes the content durable before the rename (manifests, checkpoints); the parent folder is
+    created when missing.
     """
     path = Path(path)
     tmp = temp_path(path)
@@ -104,7 +106,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False)
     except OSError as exc:
         with contextlib.suppress(OSError):  # e.g. the parent is a file: no temporary was made
             tmp.unlink(missing_ok=True)
-        raise FileWriteError(f"cannot write {path}: {os_reason(exc)}") from None
+        raise FileWriteError(f"cannot write {what + ' ' if what else ''}{path}: {os_reason(exc)}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

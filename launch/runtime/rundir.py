@@ -35,7 +35,7 @@ import numpy as np
 
 from launch.runtime.blocks import READ_ERRORS, Block, check_block, load_block, write_block
 from launch.runtime.errors import UserError
-from launch.runtime.files import os_reason, read_json, remove_stale_temps, write_json_atomic
+from launch.runtime.files import os_reason, read_json, remove_stale_temps, temp_path, write_json_atomic
 from launch.runtime.npzfile import NpzWriter
 
 MANIFEST_NAME = "manifest.json"
@@ -54,6 +54,9 @@ IMAGES_KEY = "arr_0"  # an image shard's array, as in ADM batches
 LABELS_KEY = "arr_1"
 RGB_CHANNELS = 3
 IMAGES_CONTENT = "images"
+IMAGE_SHARD = "image shard"  # how an error or warning names a block of each kind
+FEATURE_BLOCK = "feature block"
+WRITE_PROBE = "write-test"  # a probe file, under a temporary name (see _probe_writable)
 ASSEMBLE_CHUNK = 256  # images copied at once into the .npz
 LOCK_SUFFIX = ".lock"  # <sample-dir>/.<run>.lock, beside the folder (which --overwrite may replace)
 LOCK_STALE_S = 1800.0  # a holder refreshes its lock between batches; silent this long, it is gone
@@ -210,7 +213,7 @@ def _check_parent(parent: Path) -> None:
 def _probe_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        probe = temp_path(run_dir / WRITE_PROBE)  # a temporary name: a kill right here leaves nothing for long
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -367,6 +370,11 @@ def scan_missing(run_dir: Path, num_samples: int, world_size: int, rank: int,
 # --------------------------------------------------------------------------------------------- blocks
 
 
+def block_kind(path: Path) -> str:
+    """`image shard` or `feature block`, from the folder a block lies in."""
+    return IMAGE_SHARD if path.parent.name == IMAGES_DIR else FEATURE_BLOCK
+
+
 def set_aside(path: Path, reason: str) -> None:
     """Move a block this run cannot use into `<run>/set-aside/` (never read again) and say so in a warning."""
     folder = path.parent.parent / SET_ASIDE_DIR if path.parent.name != SET_ASIDE_DIR else path.parent
@@ -378,7 +386,8 @@ def set_aside(path: Path, reason: str) -> None:
     except OSError:
         path.unlink(missing_ok=True)
         where = "deleted"
-    warnings.warn(f"{path}: {reason}; {where}, its images are made again", stacklevel=2)
+    redo = "its images are made again" if block_kind(path) == IMAGE_SHARD else "its features are computed again"
+    warnings.warn(f"{block_kind(path)} {path}: {reason}; {where}, {redo}", stacklevel=2)
 
 
 def scan_blocks(folder: Path, num_images: int, rows: Mapping[str, tuple[tuple[int, ...], np.dtype]], run: str,
@@ -435,7 +444,7 @@ def load_features(blocks: Iterable[Block], kinds: Iterable[str]) -> Iterator[tup
         except READ_ERRORS as exc:
             set_aside(block.path, f"damaged ({type(exc).__name__}: {str(exc)[:120]})")
             raise RunDirError(f"feature block {block.path} changed on disk while the run read it; it was set "
-                              "aside: rerun the same command to redo it") from None
+                              "aside: rerun the same command to compute its features again") from None
         yield arrays["indices"], {kind: arrays[kind] for kind in kinds}
 
 
@@ -469,9 +478,10 @@ class ImageShards:
             try:
                 images = load_block(path, [IMAGES_KEY])[IMAGES_KEY]
             except READ_ERRORS as exc:
-                set_aside(path, f"damaged ({type(exc).__name__}: {str(exc)[:120]})")
-                raise RunDirError(f"image shard {path} changed on disk while the run read it; it was set aside: "
-                                  "rerun the same command to make its images again") from None
+                why = f"{type(exc).__name__}: {str(exc)[:120]}"
+                set_aside(path, f"damaged ({why})")
+                raise RunDirError(f"image shard {path} is damaged ({why}); it was set aside: rerun the sampling "
+                                  "command (without --pack-only) to make its images again") from None
             self._cached = (s, images)
         return self._cached[1]
 
@@ -581,16 +591,18 @@ class BlockWriter:
         """Write what is collected (the last, partial block at the end of a rank's share or on a stop)."""
         if not self.pending:
             return
-        if self._images:
-            idx = np.concatenate([i for i, _ in self._images])
+        # taken first: a write that fails is not tried again by the flush of close(), whose error would hide it
+        indices, images, features = self._indices, self._images, self._features
+        self._indices, self._images, self._features, self.pending = [], [], [], 0
+        if images:
+            idx = np.concatenate([i for i, _ in images])
             write_block(self.image_dir / block_name(idx, self.num_images), idx,
-                        {IMAGES_KEY: np.concatenate([im for _, im in self._images])}, self.run, IMAGES_CONTENT)
-        if self._features:
+                        {IMAGES_KEY: np.concatenate([im for _, im in images])}, self.run, IMAGES_CONTENT, IMAGE_SHARD)
+        if features:
             if self.before_features is not None:
                 self.before_features()
-            idx = np.concatenate(self._indices)
-            kinds = self._features[0]
+            idx = np.concatenate(indices)
+            kinds = features[0]
             write_block(self.feature_dir / block_name(idx, self.num_images), idx,
-                        {k: np.concatenate([f[k] for f in self._features]) for k in kinds}, self.run,
-                        self.feature_dir.name)
-        self._indices, self._images, self._features, self.pending = [], [], [], 0
+                        {k: np.concatenate([f[k] for f in features]) for k in kinds}, self.run,
+                        self.feature_dir.name, FEATURE_BLOCK)

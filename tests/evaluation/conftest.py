@@ -1,4 +1,4 @@
-"""Shared fixtures for the evaluation tests: locally made Inception weights and tiny image batches.
+"""Shared fixtures for the evaluation tests: locally made Inception and tiny DINOv2 weights, tiny image batches.
 
 Inception costs ~150 ms per image on a CPU core, so the weights, the extractor and the features of the
 two small batches are made once per session.
@@ -15,12 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_dinov2 import make_dinov2_state
 from fake_inception import IMAGE_SIDE, StandInExtractor, make_images, make_random_inception_state
 
+from evaluation import dinov2
+from evaluation.dinov2 import DinoV2Extractor, DinoV2Weights, resolve_dinov2_weights
 from evaluation.inception import InceptionExtractor, InceptionWeights
 
 NUM_REF = 8
 NUM_SAMPLE = 8
+SMALL_DINOV2_DIM = 64  # one 64-d head
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,3 +105,27 @@ def features(extractor: InceptionExtractor, ref_images: np.ndarray,
         got = extractor.extract(images)
         out[name] = {k: v.double().numpy() for k, v in got.items()}
     return out
+
+
+@pytest.fixture(scope="session")
+def dinov2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DINOv2 (64-d, 1 block, patch 14, 37 x 37 position grid) in the official layout: ~5 ms an image."""
+    path = tmp_path_factory.mktemp("dinov2") / "tiny-dinov2.pth"
+    torch.save(make_dinov2_state(dim=SMALL_DINOV2_DIM, depth=1), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dinov2_weights(dinov2_file: Path) -> DinoV2Weights:
+    return resolve_dinov2_weights(dinov2_file, allow_download=False, arch=None)
+
+
+@pytest.fixture(scope="session")
+def dinov2_extractor(dinov2_weights: DinoV2Weights) -> DinoV2Extractor:
+    return DinoV2Extractor(dinov2_weights, "cpu", batch_size=8)
+
+
+@pytest.fixture
+def any_dinov2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands take the (tiny) architecture of a --dinov2-weights file instead of insisting on ViT-L/14."""
+    monkeypatch.setattr(dinov2, "METRIC_ARCH", None)

@@ -136,8 +136,9 @@ def test_dry_run_lists_every_item_and_writes_nothing(caches, capsys):
     code, out = run_cli(capsys, "--dry-run")
     assert code == 0
     would = [line for line in out if ": would fetch " in line]
-    assert [line.split(":")[0] for line in would] == ["DiT-XL/2-256", "DiT-XL/2-512", "vae ema", "vae mse",
-                                                      "inception"]
+    assert [line.split(":")[0] for line in would] == ["DiT-XL/2-256", "DiT-XL/2-512", "SiT-XL/2-256",
+                                                      "REPA-SiT-XL/2-256", "vae ema", "vae mse", "inception",
+                                                      "dinov2"]
     assert str(caches["torch"] / DIT_FILE) in would[0]
     assert not caches["torch_home"].exists() and not caches["hf_home"].exists()
 
@@ -162,3 +163,38 @@ def test_unknown_names_are_bad_input(caches, capsys):
     assert prefetch.main(["--models", "DiT-XL/2-1024"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --models") and "\n" not in err and "DiT-XL/2-256" in err
+
+
+def test_a_presets_weights_are_fetched_and_checked_as_their_family(caches, monkeypatch, tmp_path, capsys):
+    """--preset repa-sit-xl-2-256 fetches REPA's file, its VAE and Inception; a file that loads as another
+    family (here a DiT served under REPA's URL) is refused in one line naming it."""
+    from models.sit import REPASiT
+
+    mirror = tmp_path / "flow-mirror"
+    mirror.mkdir()
+    repa = REPASiT(input_size=4, in_channels=4, num_classes=10, depth=2, hidden_size=16, num_heads=2, patch_size=2,
+                   encoder_depth=1, z_dims=(6,), projector_dim=8)
+    torch.save(repa.state_dict(), mirror / "last.pt")  # REPA's release: a raw EMA state dict with projectors
+    from models.demo import untrained_dit
+
+    dit, _ = untrained_dit("custom", input_size=4, in_channels=4, num_classes=10, depth=1, hidden_size=16,
+                           num_heads=2, patch_size=2)
+    torch.save(dit.state_dict(), mirror / "dit.pt")
+    monkeypatch.setattr(prefetch, "build_items", _without_hub_and_inception(prefetch.build_items))
+    monkeypatch.setenv("DIT_REPA_URL", (mirror / "last.pt").as_uri())
+    code, out = run_cli(capsys, "--preset", "repa-sit-xl-2-256")
+    assert code == 0, out
+    assert (caches["torch"] / "REPA-SiT-XL-2-256x256-last.pt").is_file()
+    (caches["torch"] / "REPA-SiT-XL-2-256x256-last.pt").unlink()
+    monkeypatch.setenv("DIT_REPA_URL", (mirror / "dit.pt").as_uri())
+    code, out = run_cli(capsys, "--preset", "repa-sit-xl-2-256")
+    # a DiT's keys are a SiT's (no projectors): read under SiT-XL/2 it is a sit checkpoint, not REPA's
+    assert code != 0 and any(line.startswith("REPA-SiT-XL/2-256: NOT fetched: fetched but does not load")
+                             for line in out), out
+
+
+def _without_hub_and_inception(build):  # noqa: ANN001, ANN202 - only the checkpoint item of a preset
+    def items(models, vaes, inception, with_dinov2=False):  # noqa: ANN001, ANN202
+        return build(models, [], False, False)
+
+    return items

@@ -130,3 +130,21 @@ def test_bad_grids_fail_in_one_line_before_any_work(extra, message, in_process, 
     err = capsys.readouterr().err.strip()
     assert code == EXIT_BAD_INPUT and err.startswith("error: ") and "\n" not in err and message in err
     assert in_process == {"network": 0, "inception": 0} and not (tmp_path / "s").exists()
+
+
+def test_compare_names_the_sampling_setting_two_points_differ_in(finished):
+    """Two points of a sweep carry the same yardstick in their protocol and differ in one sampling setting:
+    evaluation.compare says they are comparable and names that setting (the guidance scale) as the difference."""
+    from evaluation.compare import compare, read_metrics_file
+
+    rows = rows_of(finished)
+    a, b = (read_metrics_file(rows[k]["metrics_json"]) for k in (0, 1))
+    sampling = a.report["protocol"]["sampling"]
+    assert sampling["sampler"] == "ddpm" and sampling["num_steps"] == STEPS and sampling["family"] == "dit"
+    assert sampling["seed_rule"].startswith("seed_i = global_seed * 2**21 + i") and sampling["world_size"] == 1
+    assert len(sampling["checkpoint_sha256"]) == 64
+    result = compare([a, b])
+    assert [d["field"] for d in result["differences"]] == ["sampling.guidance_scale"]
+    assert result["differences"][0]["values"] == [1.0, 2.0]
+    assert {v["verdict"] for v in result["verdicts"]} <= {"comparable", "within noise"}
+    assert compare([a, a])["protocols_same"]

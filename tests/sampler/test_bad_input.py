@@ -24,8 +24,8 @@ def parse(*argv: str) -> SampleConfig:
         (["--per-proc-batch-size", "-1"], "--per-proc-batch-size must be positive"),
         (["--image-size", "100"], "--image-size 100 does not fit DiT-XL/2: it must be a multiple of 16"),
         (["--model", "DiT-S/8", "--vae", "none", "--image-size", "20", "--ckpt", __file__], "multiple of 8"),
-        (["--model", "DiT-B/2"], "official weights exist only for DiT-XL/2"),
-        (["--num-classes", "10"], "the official DiT-XL/2 has 1000 classes"),
+        (["--model", "DiT-B/2"], "published weights exist only for DiT-XL/2"),
+        (["--num-classes", "10"], "the published DiT-XL/2 has 1000 classes"),
         (["--ckpt", "/nonexistent/model.pt"], "--ckpt /nonexistent/model.pt does not exist"),
         (["--guidance-interval", "500", "100"], "needs LOW <= HIGH"),
         (["--global-seed", "-3"], "--global-seed must be in"),
@@ -65,7 +65,7 @@ def test_defaults_match_the_official_script():
 def test_help_shows_defaults_and_examples():
     text = sample_ddp.build_parser().format_help()
     assert "torchrun --nproc_per_node=8 sample_ddp.py --cfg-scale 1.5" in text
-    assert "(default: 50000)" in text
+    assert "(default 50,000)" in " ".join(text.split())
 
 
 def _assert_one_line_exit_2(result, *needles: str) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,11 +18,19 @@ from PIL import Image
 
 import sample_ddp
 from launch.runtime import dist
+from launch.runtime.errors import UserError
 from sampling.config import ConfigError
 from sampling.options import config_from_args
 
 N = 8
 STEPS = 60
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sampler_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", DIT_CPU_THREADS="1")
+    return env
 
 
 def run_dir_of(sample_dir: Path) -> Path:
@@ -218,3 +229,78 @@ def test_a_model_that_diverges_while_sampling_ends_the_run(sampler, tmp_path):
     line = one_error_line(sampler.run(1, args))
     assert "overflowing.pt" in line and "NaN or Inf for sample 0" in line
     assert not list((tmp_path / "out").rglob("[0-9]*.png"))
+
+
+
+FILE_LIMIT_BYTES = 1024  # the 8-image .npz (about 2 KB) does not fit; the lock file does
+
+
+def test_pack_only_under_a_file_size_limit_is_one_line_naming_the_npz(finished, sampler, tmp_path):
+    """RLIMIT_FSIZE (a quota, `ulimit -f`): the write fails with EFBIG (Python ignores SIGXFSZ, which would kill
+    the process); one line naming the .npz, exit 2, no temporary left."""
+    sample_dir = copy_of(finished, tmp_path)
+    run = run_dir_of(sample_dir)
+    Path(f"{run}.npz").unlink()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT_BYTES, FILE_LIMIT_BYTES))
+
+    cmd = [sys.executable, "sample_ddp.py", *sampler.pixel_args(sample_dir, N, 4, steps=4), "--pack-only"]
+    result = subprocess.run(cmd, cwd=ROOT, env=sampler_env(), capture_output=True, text=True, timeout=120,
+                            preexec_fn=limit)
+    assert one_error_line(result) == f"error: cannot write {run}.npz: File too large"
+    assert not list(sample_dir.glob(".*tmp*")) and not list(sample_dir.glob(".*.lock"))
+
+
+def leave_temporaries(run: Path) -> list[Path]:
+    """What writers killed midway leave (temporary names as launch.runtime.files.temp_path makes them, of a
+    process that is gone): the .npz and metrics beside the folder, a PNG, the grid, the manifest, a probe."""
+    dead = "999999999-1"
+    paths = [run.parent / f".{run.name}.npz.tmp-{dead}", run.parent / f".{run.name}.metrics.json.tmp-{dead}",
+             run / f".000003.png.tmp-{dead}", run / f".grid.png.tmp-{dead}", run / f".manifest.json.tmp-{dead}",
+             run / f".write-test.tmp-{dead}"]
+    for path in paths:
+        path.write_bytes(b"\0" * 4096)
+    return paths
+
+
+@pytest.mark.parametrize("pack_only", [False, True])
+def test_a_rerun_removes_what_a_killed_packing_left(finished, sampler, tmp_path, pack_only):
+    """A SIGKILL while packing leaves `.<run>.npz.tmp-*` (gigabytes at ImageNet scale): the next run of the same
+    command removes it, and every other temporary of the folder, --pack-only included."""
+    sample_dir = copy_of(finished, tmp_path)
+    run = run_dir_of(sample_dir)
+    packed = Path(f"{run}.npz").read_bytes()
+    left = leave_temporaries(run)
+    extra = ["--pack-only"] if pack_only else []
+    result = sampler.run(1, [*sampler.pixel_args(sample_dir, N, 4, steps=4), *extra])
+    assert result.returncode == 0, result.stderr
+    assert not [p for p in left if p.exists()]
+    assert not list(sample_dir.rglob(".*tmp*")) and not list(sample_dir.glob(".*.lock"))
+    assert Path(f"{run}.npz").read_bytes() == packed
+
+
+def test_overwrite_never_deletes_through_a_symbolic_link(finished, sampler, tmp_path):
+    """--overwrite with another configuration on a run folder that is a link: refused in one line; the folder
+    the link points to keeps every file."""
+    real = copy_of(finished, tmp_path / "real")
+    target = run_dir_of(real)
+    before = sorted(p.name for p in target.iterdir())
+    sample_dir = tmp_path / "linked"
+    sample_dir.mkdir()
+    (sample_dir / target.name).symlink_to(target)
+    args = [*sampler.pixel_args(sample_dir, N - 2, 4, steps=4), "--overwrite"]  # another count: another identity
+    line = one_error_line(sampler.run(1, args))
+    assert line == (f"error: {sample_dir / target.name} is a symbolic link; --overwrite does not delete through "
+                    "links: remove the link, or pass the real folder's parent as --sample-dir")
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert not list(sample_dir.glob(".*.lock"))
+
+
+def test_a_folder_as_ref_is_refused_at_once(sampler, tmp_path):
+    args = sample_ddp.build_parser().parse_args([*sampler.pixel_args(tmp_path / "s", N, 4), "--ref", str(tmp_path)])
+    with pytest.raises(UserError) as info:
+        config_from_args(args)
+    assert str(info.value) == (f"--ref {tmp_path} is a folder; pass the reference batch file (.npz), e.g. one "
+                               "built by python -m evaluation.reference")
+    assert not (tmp_path / "s").exists()

@@ -301,4 +301,5 @@ def test_flow_objective_evaluates_with_a_flow_sampler_that_sample_ddp_reproduces
     capsys.readouterr()
     ddpm = [*argv, "--sampler", "ddpm", "--sample-dir", str(tmp_path / "ddpm")]
     assert sample_ddp.main(ddpm) == EXIT_BAD_INPUT
-    assert "does not apply to a flow-matching model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --sampler ddpm") and "flow-matching model (family sit)" in err

@@ -192,3 +192,15 @@ def test_latent_cache_with_a_local_vae(tiny_config, train_run, tmp_path, tiny_va
                 results_dir=str(tmp_path / "other"),
             )
         )
+
+
+def test_a_checkpoint_half_written_by_a_killed_run_is_removed_when_training_starts_again(tiny_config, train_run,
+                                                                                       capsys):
+    cfg = tiny_config(max_steps=1, ckpt_every=1)
+    assert train_run(cfg) == 0
+    folder = Path(cfg.results_dir) / "checkpoints"
+    stale = folder / ".0000002.pt.tmp-4242-1"  # what atomic_write leaves when SIGKILLed mid-save
+    stale.write_bytes(b"x" * 1000)
+    assert train_run(tiny_config(max_steps=2, ckpt_every=1, resume="auto")) == 0
+    assert not stale.exists() and "removed the temporary files a killed run left" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["0000001.pt", "0000002.pt"]
