@@ -94,8 +94,8 @@ def check_eval_config(cfg: TrainConfig) -> None:
         return
     sample = eval_config(cfg, cfg.num_classes or 1)
     try:
-        for value, choices, flag in ((sample.save, SAVE_CHOICES, "--save"), (sample.precision, PRECISIONS,
-                                                                              "--precision")):
+        chosen = {"--save": (sample.save, SAVE_CHOICES), "--precision": (sample.precision, PRECISIONS)}
+        for flag, (value, choices) in chosen.items():
             if value not in choices:
                 raise ConfigError(f"{flag} {value} is not one of {', '.join(choices)}")
         validate(dataclasses.replace(sample, pack_only=True))  # the checkpoint is written later: its checks wait
