@@ -35,7 +35,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,18 +201,28 @@ class Scorer:
         return {**{k: float(v) for k, v in report.items()}, "class_accuracy": float(np.mean(predicted == labels))}
 
 
+TimedRun = tuple[str, Sampler | FlowSampler, torch.Tensor, float, float]  # name, sampler, x_0, NFE, seconds
+
+
+def timed_runs(demo: Demo, args: argparse.Namespace, n: int) -> Iterator[TimedRun]:
+    """For each run (--runs, else the family's defaults): (name, sampler, x_0, NFE, seconds of the sampling
+    loop) for n images with balanced labels of global seed 0, drawn as README command 1 draws them."""
+    labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
+    for run in args.runs or (FLOW_FID_RUNS if demo.flow else FID_RUNS):
+        name, target = parse_run(run)
+        sampler = make_sampler(demo, name, steps_for_nfe(name, target))
+        start = time.perf_counter()
+        x0, nfe = draw(demo, sampler, n, labels, args.batch_size, clip=True)
+        yield name, sampler, x0, nfe, time.perf_counter() - start
+
+
 def fid_runs(demo: Demo, scorer: Scorer, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Part (b): each run's images drawn as README command 1 draws them, timed, then scored."""
     n = args.num_samples
     labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
     codec = PixelCodec(demo.model.in_channels)
     rows = []
-    for run in args.runs or (FLOW_FID_RUNS if demo.flow else FID_RUNS):
-        name, target = parse_run(run)
-        sampler = make_sampler(demo, name, steps_for_nfe(name, target))
-        start = time.perf_counter()
-        x0, nfe = draw(demo, sampler, n, labels, args.batch_size, clip=True)
-        seconds = time.perf_counter() - start
+    for name, sampler, x0, nfe, seconds in timed_runs(demo, args, n):
         images = codec.decode(x0).numpy()
         row = {"ckpt": demo.path, "sampler": name, "steps": sampler.steps, "nfe": nfe,
                "s_per_1000": round(seconds * PER_THOUSAND / n, 1), **scorer.score(images, labels)}
@@ -248,14 +258,8 @@ def speed_runs(demo: Demo, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Part (c): seconds per 1,000 images of each run's sampling alone (no Inception in between), on
     --speed-samples images, so that the timing is not the FID part's, which shares the cores with Inception."""
     n = args.speed_samples
-    labels = class_labels(n, DIGITS_NUM_CLASSES, GLOBAL_SEED, BALANCED_LABELS)
     rows = []
-    for run in args.runs or (FLOW_FID_RUNS if demo.flow else FID_RUNS):
-        name, target = parse_run(run)
-        sampler = make_sampler(demo, name, steps_for_nfe(name, target))
-        start = time.perf_counter()
-        _, nfe = draw(demo, sampler, n, labels, args.batch_size, clip=True)
-        seconds = time.perf_counter() - start
+    for name, sampler, _, nfe, seconds in timed_runs(demo, args, n):
         rows.append({"sampler": name, "steps": sampler.steps, "nfe": nfe,
                      "s_per_1000": round(seconds * PER_THOUSAND / n, 1)})
         print(json.dumps({"part": "speed", **rows[-1]}), flush=True)
