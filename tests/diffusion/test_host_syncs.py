@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion import create_diffusion, guided_model
+from diffusion.flow import FlowSampler
 from diffusion.rng import SampleNoise
 from diffusion.samplers import STOCHASTIC, Sampler
 
@@ -135,3 +136,33 @@ def test_named_samplers_make_no_blocking_copy_or_host_sync(name):
     assert traffic.blocking == [] and traffic.syncs == []
     draws = {"ddpm": STEPS - 1, "ddim": 0}.get(name, sampler.nfe if name in STOCHASTIC else 0)
     assert traffic.non_blocking == draws
+
+
+def _meta_velocity_model():
+    """A flow network's output (the velocity, C channels) from x, t and y with meta-tensor ops only."""
+    per_label = torch.ones(NUM_CLASSES + 1, device=META)
+
+    def model(x, t, y):
+        return torch.tanh(x + t.float().view(-1, 1, 1, 1) + per_label[y].view(-1, 1, 1, 1))
+
+    return model
+
+
+# UniPC is left out as above (the same scheduler class); dopri5 is adaptive by design: torchdiffeq reads each
+# step's error norm on the host to accept or shrink the step, one sync per attempted step.
+@pytest.mark.parametrize("family", ["sit", "repa"])
+@pytest.mark.parametrize("name", ["euler", "heun", "euler-maruyama", "dpm++2m"])
+def test_flow_samplers_make_no_blocking_copy_or_host_sync(name, family):
+    sampler = FlowSampler(name, STEPS, family=family)
+    fn = guided_model(_meta_velocity_model(), 1.5, NUM_CLASSES, "all", (0.0, 0.7))
+    y = torch.zeros(B, dtype=torch.long, device=META)
+    z, noise = _start()
+    with _Recorder():  # warm-up, as above
+        sampler(fn, z, noise=noise, model_kwargs={"y": y})
+    z, noise = _start()
+    with _Recorder() as recorder:
+        sampler(fn, z, noise=noise, model_kwargs={"y": y})
+    traffic = recorder.traffic
+    assert traffic.blocking == [] and traffic.syncs == []
+    # euler-maruyama: one fresh draw per stochastic step (all but the final mean step), nothing else crosses
+    assert traffic.non_blocking == (STEPS - 1 if name == "euler-maruyama" else 0)
