@@ -322,10 +322,23 @@ class _HostTraffic(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _small_network(kind: str) -> DiT:
+    """DiT, SiT (velocity = first half of a learned-sigma output) or REPA's SiT (qk-norm, projectors)."""
+    from models.sit import REPASiT, SiT
+
+    shape = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+    if kind == "sit":
+        return SiT(**shape)
+    if kind == "repa":
+        return REPASiT(encoder_depth=1, z_dims=(16,), projector_dim=32, qk_norm=True, **shape)
+    return DiT(**shape)
+
+
+@pytest.mark.parametrize("kind", ["dit", "sit", "repa"])
 @pytest.mark.parametrize("training", [False, True])
-def test_forward_makes_no_host_copy_and_no_host_sync(training):
+def test_forward_makes_no_host_copy_and_no_host_sync(training, kind):
     """On a non-CPU device (meta stands in for a GPU) a forward never copies from the host nor reads a scalar back."""
-    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10).to("meta")
+    model = _small_network(kind).to("meta")
     model.train(training)
     x = torch.empty(3, 4, 8, 8, device="meta")
     t = torch.empty(3, device="meta")
@@ -333,7 +346,8 @@ def test_forward_makes_no_host_copy_and_no_host_sync(training):
     with _HostTraffic() as traffic:
         out = model(x, t, y)
         model(x, t, y, force_drop_ids=torch.ones(3, dtype=torch.long, device="meta"))
-    assert out.shape == (3, 8, 8, 8) and out.device.type == "meta"
+    out = out[0] if kind == "repa" else out  # REPA's SiT also returns the projected tokens
+    assert out.shape == ((3, 8, 8, 8) if kind == "dit" else (3, 4, 8, 8)) and out.device.type == "meta"
     assert traffic.events == []
 
 
