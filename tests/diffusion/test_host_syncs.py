@@ -119,20 +119,25 @@ def test_initial_noise_crosses_without_blocking():
     assert recorder.traffic.blocking == [] and recorder.traffic.non_blocking == 1
 
 
+def _sampler_traffic(sampler, fn) -> Traffic:
+    """The traffic of one call of a named sampler on fresh meta x_T, after a warm-up call (as in _run)."""
+    y = torch.zeros(B, dtype=torch.long, device=META)
+    z, noise = _start()
+    with _Recorder():
+        sampler(fn, z, noise=noise, model_kwargs={"y": y})
+    z, noise = _start()
+    with _Recorder() as recorder:
+        sampler(fn, z, noise=noise, model_kwargs={"y": y})
+    return recorder.traffic
+
+
 # UniPC is left out: diffusers' UniPCMultistepScheduler.step builds its coefficients with torch.tensor(...,
 # device=...) (about 5 small blocking copies per step), inside the library.
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun"])
 def test_named_samplers_make_no_blocking_copy_or_host_sync(name):
     sampler = Sampler(name, STEPS)
     fn = guided_model(_meta_model(), 1.5, NUM_CLASSES, "first3", (200.0, 700.0))
-    y = torch.zeros(B, dtype=torch.long, device=META)
-    z, noise = _start()
-    with _Recorder():  # warm-up, as above
-        sampler(fn, z, noise=noise, model_kwargs={"y": y})
-    z, noise = _start()
-    with _Recorder() as recorder:
-        sampler(fn, z, noise=noise, model_kwargs={"y": y})
-    traffic = recorder.traffic
+    traffic = _sampler_traffic(sampler, fn)
     assert traffic.blocking == [] and traffic.syncs == []
     draws = {"ddpm": STEPS - 1, "ddim": 0}.get(name, sampler.nfe if name in STOCHASTIC else 0)
     assert traffic.non_blocking == draws
@@ -155,14 +160,7 @@ def _meta_velocity_model():
 def test_flow_samplers_make_no_blocking_copy_or_host_sync(name, family):
     sampler = FlowSampler(name, STEPS, family=family)
     fn = guided_model(_meta_velocity_model(), 1.5, NUM_CLASSES, "all", (0.0, 0.7))
-    y = torch.zeros(B, dtype=torch.long, device=META)
-    z, noise = _start()
-    with _Recorder():  # warm-up, as above
-        sampler(fn, z, noise=noise, model_kwargs={"y": y})
-    z, noise = _start()
-    with _Recorder() as recorder:
-        sampler(fn, z, noise=noise, model_kwargs={"y": y})
-    traffic = recorder.traffic
+    traffic = _sampler_traffic(sampler, fn)
     assert traffic.blocking == [] and traffic.syncs == []
     # euler-maruyama: one fresh draw per stochastic step (all but the final mean step), nothing else crosses
     assert traffic.non_blocking == (STEPS - 1 if name == "euler-maruyama" else 0)
