@@ -4,6 +4,7 @@ downloadable here, and torch-fidelity's default initialisation gives degenerate 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +55,20 @@ def make_images(seed: int, n: int, side: int = IMAGE_SIDE, smooth: bool = False)
     up[..., 0] = up[..., 0] * 0.5 + 100
     return np.clip(up, 0, 255).astype(np.uint8)
 
+
+
+def write_ref_and_sample(folder: Path, seeds: tuple[int, int, int, int], num_ref: int, num_sample: int,
+                         smooth_samples: int) -> dict:
+    """A reference (half noise, then half blocky) and a sample set (``smooth_samples`` blocky, then noise) as
+    folder/ref.npz and folder/sample.npz: two different distributions, so every metric is informative."""
+    ref = np.concatenate([make_images(seeds[0], num_ref // 2), make_images(seeds[1], num_ref - num_ref // 2,
+                                                                            smooth=True)])
+    sample = np.concatenate([make_images(seeds[2], smooth_samples, smooth=True),
+                             make_images(seeds[3], num_sample - smooth_samples)])
+    np.savez(folder / "ref.npz", arr_0=ref)
+    np.savez(folder / "sample.npz", arr_0=sample)
+    return {"ref": ref, "sample": sample, "ref_path": folder / "ref.npz", "sample_path": folder / "sample.npz",
+            "folder": folder}
 
 STAND_IN_DIMS = {"pool": 16, "spatial": 12, "logits": 10}
 STAND_IN_GRID = 4  # images are average-pooled to 4x4 before the projections

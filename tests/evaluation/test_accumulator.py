@@ -3,8 +3,6 @@ numbers and numpy's; features stored by an interrupted run are added without the
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import warnings
 from pathlib import Path
@@ -13,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from adm_numpy import adm_report_numpy, bootstrap_std_numpy, is_adm_numpy
-from fake_inception import StandInExtractor, make_images
+from captured import run_captured
+from fake_inception import StandInExtractor, write_ref_and_sample
 
 from evaluation.bootstrap import resample_indices
 from evaluation.errors import EvaluationError
@@ -31,12 +30,7 @@ METRIC_KEYS = ("inception_score", "fid", "sfid", "precision", "recall")
 
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("acc")
-    ref = np.concatenate([make_images(25, NUM_REF // 2), make_images(26, NUM_REF - NUM_REF // 2, smooth=True)])
-    sample = np.concatenate([make_images(27, 18, smooth=True), make_images(28, NUM_SAMPLE - 18)])
-    np.savez(folder / "ref.npz", arr_0=ref)
-    np.savez(folder / "sample.npz", arr_0=sample)
-    return {"ref": ref, "sample": sample, "ref_path": folder / "ref.npz", "sample_path": folder / "sample.npz"}
+    return write_ref_and_sample(tmp_path_factory.mktemp("acc"), (25, 26, 27, 28), NUM_REF, NUM_SAMPLE, 18)
 
 
 def fed_in_pieces(accumulator: FeatureAccumulator, images: np.ndarray, seed: int) -> None:
@@ -130,14 +124,13 @@ def test_bootstrap_spread_equals_numpy_resamples(batches: dict, stand_in: StandI
 def test_bootstrap_flag(tmp_path: Path, batch_files: tuple[Path, Path], weights_file: Path,
                         features: dict[str, dict[str, np.ndarray]]):
     """`--bootstrap K` on the real network (IS only: no 2048-d linear algebra): the std line and JSON key."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([*map(str, batch_files), "--metrics", "is", "--bootstrap", "3", "--bootstrap-seed", "5",
-                   "--json", str(tmp_path / "r.json"), "--inception-weights", str(weights_file), "--device", "cpu"])
-    assert rc == 0, err.getvalue()
+    argv = [*map(str, batch_files), "--metrics", "is", "--bootstrap", "3", "--bootstrap-seed", "5",
+            "--json", str(tmp_path / "r.json"), "--inception-weights", str(weights_file), "--device", "cpu"]
+    rc, out, err = run_captured(main, argv)
+    assert rc == 0, err
     logits = features["sample"]["logits"]
     scores = [is_adm_numpy(logits[resample_indices(len(logits), 5, r)]) for r in range(3)]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["inception_score_std"] == pytest.approx(np.std(scores, ddof=1), rel=1e-5)
-    assert out.getvalue().splitlines() == [f"Inception Score: {report['inception_score']}",
+    assert out.splitlines() == [f"Inception Score: {report['inception_score']}",
                                            f"Inception Score bootstrap std: {report['inception_score_std']}"]

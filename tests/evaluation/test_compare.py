@@ -3,15 +3,14 @@ influence, and every verdict (the same protocol, comparable, within noise, not c
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from captured import run_captured
 from fake_inception import StandInExtractor, make_images
 
 from evaluation.compare import main
@@ -56,10 +55,7 @@ def write(path: Path, report: dict) -> str:
 
 
 def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
+    return run_captured(main, argv)
 
 
 def verdicts(*paths: str) -> dict[tuple[str, str], dict]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch_fidelity
 from adm_numpy import fid_adm_numpy, is_adm_numpy
+from captured import run_captured
 from fake_inception import StandInExtractor
 from PIL import Image
 from scipy.spatial.distance import cdist
@@ -84,11 +85,7 @@ class UInt8Images(torch.utils.data.Dataset):
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("always")
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return run_captured(main, argv, "always")
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@ PNG folders pack the same in this process and in worker processes."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from captured import run_captured
 from PIL import Image
 
 from evaluation import batches
@@ -22,10 +21,7 @@ RESAMPLES = 20
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return run_captured(main, argv)
 
 
 @pytest.mark.parametrize("extra, line", [

@@ -3,8 +3,6 @@ numpy on the (tiny) network's features; references of statistics only; the proto
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import warnings
 from pathlib import Path
@@ -13,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from adm_numpy import fid_adm_numpy, manifold_decisions_adm_numpy
-from fake_inception import StandInExtractor, make_images
+from captured import run_captured
+from fake_inception import StandInExtractor, write_ref_and_sample
 
 from evaluation import networks
 from evaluation.dinov2 import DINOV2_FEATURE, DinoV2Extractor
@@ -30,13 +29,7 @@ TINY_METRICS = ["fd_dinov2", "dinov2_prec", "dinov2_recall"]
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("fd")
-    ref = np.concatenate([make_images(40, NUM_REF // 2), make_images(41, NUM_REF - NUM_REF // 2, smooth=True)])
-    sample = np.concatenate([make_images(42, 40, smooth=True), make_images(43, NUM_SAMPLE - 40)])
-    np.savez(folder / "ref.npz", arr_0=ref)
-    np.savez(folder / "sample.npz", arr_0=sample)
-    return {"ref": ref, "sample": sample, "ref_path": folder / "ref.npz", "sample_path": folder / "sample.npz",
-            "folder": folder}
+    return write_ref_and_sample(tmp_path_factory.mktemp("fd"), (40, 41, 42, 43), NUM_REF, NUM_SAMPLE, 40)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +45,7 @@ def expected_dinov2(feats: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return run_captured(main, argv, "ignore")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from adm_numpy import adm_report_numpy, bootstrap_std_numpy, is_adm_numpy, manifold_decisions_adm_numpy
-from fake_inception import StandInExtractor, make_images
+from fake_inception import StandInExtractor, write_ref_and_sample
 
 from evaluation.bootstrap import resample_indices
 
@@ -30,10 +30,8 @@ def numpy_features(stand_in: StandInExtractor, images: np.ndarray) -> dict[str, 
 def run(tmp_path_factory: pytest.TempPathFactory, weights_file: Path,
         torchrun: Callable[[list[str]], subprocess.CompletedProcess]) -> dict:
     folder = tmp_path_factory.mktemp("two")
-    ref = np.concatenate([make_images(11, NUM_REF // 2), make_images(12, NUM_REF - NUM_REF // 2, smooth=True)])
-    sample = np.concatenate([make_images(13, 20, smooth=True), make_images(14, NUM_SAMPLE - 20)])
-    np.savez(folder / "ref.npz", arr_0=ref)
-    np.savez(folder / "sample.npz", arr_0=sample)
+    images = write_ref_and_sample(folder, (11, 12, 13, 14), NUM_REF, NUM_SAMPLE, 20)
+    ref, sample = images["ref"], images["sample"]
     rng = np.random.default_rng(6)
     pr = {"ref": rng.standard_normal((300, 64)).astype(np.float32),
           "sample": (rng.standard_normal((250, 64)) * 1.4 + 0.6).astype(np.float32)}
