@@ -121,10 +121,9 @@ class FeatureAccumulator:
 
     def reduce(self) -> BatchFeatures:
         """Combine every rank's share: sums all-reduced, kept rows gathered in index order. A collective."""
-        result = BatchFeatures(self.num_images, inception=self.inception.reduce() if self.inception else None)
-        result.pool = self.stats[POOL].reduce() if POOL in self.stats else None
-        result.spatial = self.stats[SPATIAL].reduce() if SPATIAL in self.stats else None
-        result.dinov2 = self.stats[DINOV2].reduce() if DINOV2 in self.stats else None
+        sums = {kind: stats.reduce() for kind, stats in self.stats.items()}
+        result = BatchFeatures(self.num_images, pool=sums.get(POOL), spatial=sums.get(SPATIAL),
+                               inception=self.inception.reduce() if self.inception else None, dinov2=sums.get(DINOV2))
         if self.keep:
             idx, rows = self.local_rows()
             result.rows = {kind: _gather_by_index(idx, part, self.num_images) for kind, part in rows.items()}

@@ -112,6 +112,8 @@ class FeatureNetworks:
 
     def extract(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        if all(net.device == self.device for net in self.networks):
+            x = x.to(self.device)  # one host-to-device copy for all the networks, not one each
         out: dict[str, torch.Tensor] = {}
         for net in self.networks:
             out.update(net.extract(x))
